@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Insert or update the "Open in Colab" badge and the Colab setup cell in every notebook of nbs/.
 
-Each notebook gets, as its first cell, a hidden code cell that installs medseg_nbdev from its
-repository and Debian's mricron-data when it runs on Google Colab and does nothing elsewhere, and,
-right after its title cell, a markdown cell with the badge that opens it in Colab. The repository
-address comes from `Repository` under `[project.urls]` in pyproject.toml: a fork changes it there
-and reruns this script. A second run changes nothing.
+The first cell of each notebook becomes a hidden code cell that, on Google Colab only, installs
+medseg_nbdev from its repository and Debian's mricron-data. Right after the title cell comes a
+markdown cell with the badge that opens the notebook in Colab. The repository address comes from
+`Repository` under `[project.urls]` in pyproject.toml, so a fork changes it there and reruns this
+script. A second run changes nothing.
 
 Usage:
     python scripts/colab_cells.py            # update every notebook in nbs/
@@ -121,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=ROOT, help="repository root (default: this script's parent)")
     args = parser.parse_args(argv)
     repository = repository_url(args.root / "pyproject.toml")
-    paths = args.notebooks or sorted(p for p in (args.root / "nbs").rglob("*.ipynb")
-                                     if not any(part.startswith(("_", ".")) for part in p.relative_to(args.root / "nbs").parts))
+    folder = args.root / "nbs"
+    paths = args.notebooks or sorted(p for p in folder.rglob("*.ipynb")
+                                     if not any(part.startswith(("_", ".")) for part in p.relative_to(folder).parts))
     stale = [path for path in paths if process(path, repository, write=not args.check)]
     for path in stale:
         print(f"{'needs an update' if args.check else 'updated'}: {path}")

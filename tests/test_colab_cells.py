@@ -23,7 +23,7 @@ def notebooks(folder):
 def test_every_notebook_has_colab_cells():
     repository = colab_cells.repository_url(ROOT / "pyproject.toml")
     stale = [p.name for p in notebooks(ROOT / "nbs") if colab_cells.process(p, repository, write=False)]
-    assert not stale, f"Run `python scripts/colab_cells.py` and commit: these notebooks lack current Colab cells: {stale}"
+    assert not stale, f"These notebooks lack current Colab cells, so run `python scripts/colab_cells.py`: {stale}"
 
 
 def test_cells_sit_first_and_under_the_title():

@@ -45,7 +45,9 @@ def test_smoke_records_status_and_speed(tmp_path, monkeypatch, capsys):
     assert gpu_smoke.main(["--out", str(tmp_path)]) == 1
     summary = json.loads((tmp_path / "smoke.json").read_text())
     works, breaks = summary["results"]
-    assert works["status"] == 0 and works["steps_per_second"] == 125.0 and works["device"] == "cuda"
+    assert works["status"] == 0
+    assert works["steps_per_second"] == 125.0
+    assert works["device"] == "cuda"
     assert breaks["status"] == 3
     assert (tmp_path / "works.log").read_text().strip() == "trained"
     assert "failed: breaks" in capsys.readouterr().err

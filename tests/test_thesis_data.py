@@ -79,15 +79,17 @@ def test_msd_hippocampus_keeps_every_slice(data_home, tmp_path):
                          progress=False)
     volumes = {split: {m.volume_id for m in splits[split].meta} for split in ("train", "val", "test")}
     assert [len(volumes[s]) for s in ("train", "val", "test")] == [2, 1, 2]
-    assert not (volumes["train"] & volumes["test"]) and not (volumes["val"] & volumes["test"])
+    assert not volumes["train"] & volumes["test"]
+    assert not volumes["val"] & volumes["test"]
     assert len(splits.train) == 2 * 6  # every slice of every volume
     assert splits.train.image_size == (50, 50)
     assert {m.spacing for m in splits.train.meta} == {(1.0, 1.0)}
     assert splits.train.class_names == ("anterior_hippocampus", "posterior_hippocampus")
     assert set(np.unique(splits.train.masks)) == {0, 1, 2}
     assert (splits.train.masks == 1).sum() == 2 * 5 * 8 * 3
-    assert splits.train.images.min() >= 0 and splits.train.images.max() <= 1
-    assert "published: train 7163" in splits.policy
+    assert splits.train.images.min() >= 0
+    assert splits.train.images.max() <= 1
+    assert "train 7163, val 350, test 1757" in splits.policy
 
 
 def ct_task(root, zooms, n_cases=3, tumour=False):
@@ -372,7 +374,8 @@ def test_msd_missing_offline_offers_download(data_home, monkeypatch):
         td.load_msd("Task09_Spleen", progress=False)
     message = str(info.value)
     assert str(data_home / "thesis-data" / "Task09_Spleen" / "imagesTr") in message
-    assert "Task09_Spleen.tar" in message and "md5:410d4a301da4e5b2f6f86ec3ddba524e" in message
+    assert "Task09_Spleen.tar" in message
+    assert "md5:410d4a301da4e5b2f6f86ec3ddba524e" in message
     assert "download=True" in message
 
 
@@ -442,7 +445,8 @@ def test_volume_slices_match_foundation_orientation():
     volume = np.random.default_rng(0).random((7, 8, 9))
     stack, spacing, thickness = td.volume_slices(volume, (0.5, 0.6, 2.0), np.diag([0.5, 0.6, 2.0, 1.0]))
     np.testing.assert_array_equal(stack, orient_slices(volume, "axial"))
-    assert spacing == (0.6, 0.5) and thickness == 2.0
+    assert spacing == (0.6, 0.5)
+    assert thickness == 2.0
 
 
 # ---------------------------------------------------------------- downloads against 127.0.0.1
@@ -516,7 +520,7 @@ def test_download_resumes_after_interruption(server, tmp_path):
     _, base = server
     RangeHandler.files["/a.bin"] = PAYLOAD
     RangeHandler.cut_after = 100_000
-    with pytest.raises(td.DownloadError, match="call again to resume"):
+    with pytest.raises(td.DownloadError, match="Call again to resume"):
         td.download_file(f"{base}/a.bin", tmp_path / "a.bin", md5(PAYLOAD), progress=False, chunk_size=4096)
     assert (tmp_path / "a.bin.part").stat().st_size == 100_000
     assert not (tmp_path / "a.bin").exists()
@@ -538,16 +542,25 @@ def test_download_finishes_a_complete_partial_file(server, tmp_path):
     _, base = server
     RangeHandler.files["/a.bin"] = PAYLOAD
     (tmp_path / "a.bin.part").write_bytes(PAYLOAD)
-    td.download_file(f"{base}/a.bin", tmp_path / "a.bin", md5(PAYLOAD), progress=False)  # the server answers 416
+    td.download_file(f"{base}/a.bin", tmp_path / "a.bin", md5(PAYLOAD), progress=False)  # the server returns 416
+    assert (tmp_path / "a.bin").read_bytes() == PAYLOAD
+
+
+def test_download_replaces_a_damaged_file(server, tmp_path):
+    _, base = server
+    RangeHandler.files["/a.bin"] = PAYLOAD
+    (tmp_path / "a.bin").write_bytes(PAYLOAD[:-1] + b"!")
+    td.download_file(f"{base}/a.bin", tmp_path / "a.bin", md5(PAYLOAD), progress=False)
     assert (tmp_path / "a.bin").read_bytes() == PAYLOAD
 
 
 def test_download_checksum_mismatch_deletes_file(server, tmp_path):
     _, base = server
     RangeHandler.files["/a.bin"] = PAYLOAD
-    with pytest.raises(td.ChecksumError, match="expected 0000"):
+    with pytest.raises(td.ChecksumError, match="but 0000"):
         td.download_file(f"{base}/a.bin", tmp_path / "a.bin", "md5:" + "0" * 32, progress=False)
-    assert not (tmp_path / "a.bin").exists() and not (tmp_path / "a.bin.part").exists()
+    assert not (tmp_path / "a.bin").exists()
+    assert not (tmp_path / "a.bin.part").exists()
 
 
 def test_download_errors_name_the_address(server, tmp_path):
@@ -593,8 +606,10 @@ def test_msd_download_failure_explains_manual_install(server, data_home, monkeyp
         f"{base}/Task09_Spleen.tar", md5(b"x"), "Task09_Spleen"))
     with pytest.raises(MissingDataError) as info:
         td.load_msd("Task09_Spleen", download=True, progress=False)
-    assert "The download failed" in str(info.value) and "HTTP 404" in str(info.value)
-    assert "so that" in str(info.value) and "Task09_Spleen/imagesTr exists" in str(info.value)
+    message = str(info.value)
+    assert "The download failed" in message
+    assert "HTTP 404" in message
+    assert "Task09_Spleen/imagesTr exists" in message
 
 
 def test_extract_archive_rejects_unsafe_members(tmp_path):
@@ -642,7 +657,8 @@ def test_real_acdc_case(data_home):
     assert data.meta[0].spacing == pytest.approx((337.5 / 338, 1.0)) or \
         data.meta[0].spacing == pytest.approx((1.0, 337.5 / 338))
     assert data.meta[0].thickness == pytest.approx(10.0)
-    assert 1 <= len(data) <= 10 and set(np.unique(data.masks)) == {0, 1}
+    assert 1 <= len(data) <= 10
+    assert set(np.unique(data.masks)) == {0, 1}
     reference = np.asarray(nib.load(REAL_CASES / "acdc/training/patient001/patient001_frame01_gt.nii.gz").dataobj)
     assert {m.index for m in data.meta} <= {z for z in range(reference.shape[2])
                                             if {1, 2, 3} <= set(np.unique(reference[..., z]))}
