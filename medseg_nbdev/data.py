@@ -666,3 +666,6 @@ def run_data_command(args: argparse.Namespace) -> int:
     figure = args.figure or f"{args.name}-examples.png"
     print(describe_dataset(args.name, figure=figure, **options))
     return 0
+
+# %% ../nbs/01_data.ipynb #9d3f6b41
+from . import thesis_data as _thesis_data  # noqa: E402,F401  (registers the thesis data sets)

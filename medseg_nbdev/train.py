@@ -361,8 +361,11 @@ def segment_train(
                "final_loss": history[-1]["loss"] if history else None, "torch_version": torch.__version__}
     atomic_write_json(out / "metrics.json", metrics)
 
-    fig = plot_slices(data.test, predictions=predictions, n=len(data.test), ncols=min(8, len(data.test)),
-                      title=f"{dataset} test slices: ground truth (filled), prediction (contour); "
+    # The figure shows at most 32 evenly spaced test slices, because the thesis data sets have hundreds
+    shown = np.linspace(0, len(data.test) - 1, min(32, len(data.test))).round().astype(int)
+    subset = f" ({len(shown)} of {len(data.test)})" if len(shown) < len(data.test) else ""
+    fig = plot_slices(data.test, indices=shown, predictions=predictions[shown], ncols=min(8, len(shown)),
+                      title=f"{dataset} test slices{subset}: ground truth (filled), prediction (contour); "
                             f"DSC 2D {report['dsc_2d']:.3f}, 3D {report['dsc_3d']:.3f}")
     atomic_savefig(fig, out / "test_predictions.png", dpi=110)
     plt.close(fig)
