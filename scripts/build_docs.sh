@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Build the documentation site from the notebooks in nbs/ into docs/, offline and without Quarto:
-#   1. nbdev-proc-nbs writes the nbdev-processed notebooks (show_doc output added, hidden and
-#      export-only cells removed) into _proc/;
+#   1. nbdev's notebook processing (as in `nbdev-proc-nbs`) writes the notebooks with show_doc
+#      output added and hidden and export-only cells removed into _proc/;
 #   2. scripts/docs_prepare.py applies the Quarto cell options that nbdev writes and stages the
 #      pages in reading order into _mkdocs/;
 #   3. MkDocs (Material theme, mkdocs-jupyter) renders the stored outputs into static HTML with
 #      search. MathJax comes from npm (docs_assets/package.json) and is shipped with the site.
-# Nothing is executed: the pages show the outputs stored in the notebooks.
+# No notebook is run: nbdev executes only the imports and definitions that show_doc needs, and
+# the pages show the outputs stored in the notebooks.
 #
 # Options: --site-dir DIR (default: docs). Environment: NPM (npm binary, default npm), used
 # only when docs_assets/node_modules is missing. Needs the `dev` extras of pyproject.toml.
@@ -26,12 +27,10 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-for tool in nbdev-proc-nbs mkdocs; do
-  if ! command -v "$tool" >/dev/null; then
-    echo "build_docs: $tool not found; install the development extras with: bash scripts/setup.sh" >&2
-    exit 1
-  fi
-done
+if ! command -v mkdocs >/dev/null || ! python -c "import nbdev, mkdocs_jupyter" 2>/dev/null; then
+  echo "build_docs: nbdev, mkdocs or mkdocs-jupyter not found; install the development extras with: bash scripts/setup.sh" >&2
+  exit 1
+fi
 
 if [[ ! -f docs_assets/node_modules/mathjax/package.json ]]; then
   if ! command -v "${NPM:-npm}" >/dev/null; then
@@ -41,9 +40,9 @@ if [[ ! -f docs_assets/node_modules/mathjax/package.json ]]; then
   "${NPM:-npm}" ci --prefix docs_assets --no-audit --no-fund --loglevel=error
 fi
 
-# A fresh _proc/, so that a notebook deleted from nbs/ leaves no page behind.
-rm -rf _proc
-nbdev-proc-nbs
+# nbdev's processing (what `nbdev-proc-nbs` runs), into a fresh _proc/. The command itself
+# would first try to download and install Quarto with sudo, which this build does not need.
+python -c "from nbdev.serve import proc_nbs; proc_nbs(force=True)"
 python scripts/docs_prepare.py _proc nbs _mkdocs
 
 # The Material theme prints a notice about MkDocs 2 on every build; it is not about this site.

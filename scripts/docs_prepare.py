@@ -36,7 +36,7 @@ QUARTO_FILES = {"styles.css"}
 _re_option = re.compile(r"^\s*#\|\s*([\w-]+)\s*:\s*(.*?)\s*$")
 _re_widget_name = re.compile(r"^\s*([A-Za-z_]\w*)\(")
 # Terminal control sequences other than colours (SGR, ending in "m"), such as the line erasing
-# that tqdm and ipywidgets print; nbconvert would show them as stray characters.
+# that tqdm and ipywidgets print. nbconvert would show them as stray characters.
 _re_ansi_control = re.compile(r"\x1b\[[0-9;?]*[A-Za-ln-z]")
 # nbval's cell markers: test instructions, not part of what a reader should see.
 _re_nbval_marker = re.compile(r"^\s*#\s*NBVAL_[A-Z_]+\s*$")
@@ -214,8 +214,8 @@ def stage_notebook(proc_path: Path, source_nb: dict, relative: Path) -> tuple[di
         heading += f"\n\n> {meta['description']}"
     nb["cells"] = renumber([markdown_cell(heading), *convert_cells(cells)])
 
-    # nbdev records the widget state of its own doc-processing kernel; mkdocs-jupyter would then
-    # load the widget manager from a CDN, so the metadata goes (widget views become notes).
+    # nbdev records the widget state of its own doc-processing kernel. With that metadata present,
+    # mkdocs-jupyter loads the widget manager from a CDN, so it is removed (widget views become notes).
     nb["metadata"].pop("widgets", None)
 
     output_file = meta.get("output-file") or f"{relative.stem}.html"

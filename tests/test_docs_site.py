@@ -158,8 +158,10 @@ def test_notebook_titles_and_summaries():
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     "Build the site with scripts/build_docs.sh into a temporary folder; return it and its page list."
-    if shutil.which("mkdocs") is None and not (Path(sys.executable).parent / "mkdocs").exists():
-        skip_or_fail("mkdocs is not installed; run bash scripts/setup.sh")
+    if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("mkdocs_jupyter") is None:
+        skip_or_fail("mkdocs and mkdocs-jupyter are not installed; run bash scripts/setup.sh")
+    if not (ROOT / "docs_assets/node_modules/mathjax").is_dir() and shutil.which("npm") is None:
+        skip_or_fail("npm is missing, so MathJax cannot be installed; run bash scripts/install_docs_tools.sh")
     site_dir = tmp_path_factory.mktemp("site")
     start = time.perf_counter()
     result = subprocess.run(["bash", "scripts/build_docs.sh", "--site-dir", str(site_dir)], cwd=ROOT,
@@ -267,11 +269,19 @@ class QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
+class SiteServer(ThreadingHTTPServer):
+    "HTTP server that ignores clients closing a connection early (Chromium does when it navigates)."
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
+
 @pytest.fixture(scope="module")
 def server(site):
     "Serve the built site on 127.0.0.1 at a free port; yield its base URL."
     site_dir, _ = site
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(site_dir)))
+    httpd = SiteServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(site_dir)))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}/"

@@ -1,6 +1,7 @@
 // MathJax 3 settings for the notebook pages. nbconvert leaves TeX between $...$ and $$...$$ in
-// the page text, and MathJax 3 reads only \(...\) unless inlineMath says otherwise. This file
-// must load before tex-chtml-full.js (mkdocs.yml lists them in that order).
+// the page text, and MathJax 3 reads only \(...\) unless inlineMath is set. This file must load
+// before tex-chtml-full.js (mkdocs.yml lists them in that order). MathJax skips <pre> and
+// <code>, so code cells and printed outputs with a $ in them stay as they are.
 window.MathJax = {
   tex: {
     inlineMath: [["$", "$"], ["\\(", "\\)"]],
@@ -8,12 +9,9 @@ window.MathJax = {
     processEscapes: true,
     processEnvironments: true,
   },
-  options: {
-    // Code cells and outputs hold shell variables such as $MEDSEG_DATA, not TeX.
-    ignoreHtmlClass: "jp-CodeMirrorEditor|jp-OutputArea-output|highlight|tex2jax_ignore",
-    processHtmlClass: "jp-MarkdownOutput|tex2jax_process",
-  },
   chtml: {
+    // The fonts sit next to tex-chtml-full.js; the URL is resolved against this script's own URL,
+    // so pages in any folder find them.
     fontURL: new URL("../mathjax/output/chtml/fonts/woff-v2", document.currentScript.src).href,
   },
 };
