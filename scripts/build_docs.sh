@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build the documentation site from the notebooks in nbs/ into docs/, offline and without Quarto:
+# Build the documentation site from the notebooks in nbs/ into docs/ without Quarto, and offline
+# once npm has installed MathJax into docs_assets/node_modules (scripts/setup.sh does):
 #   1. nbdev's notebook processing (as in `nbdev-proc-nbs`) writes the notebooks with show_doc
 #      output added and hidden and export-only cells removed into _proc/;
 #   2. scripts/docs_prepare.py applies the Quarto cell options that nbdev writes and stages the

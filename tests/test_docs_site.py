@@ -31,7 +31,7 @@ CHROMIUM = os.environ.get("MEDSEG_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("MEDSEG_CHROMEDRIVER", "/usr/bin/chromedriver")
 REQUIRE_BROWSER = os.environ.get("MEDSEG_REQUIRE_BROWSER") == "1"
 SCREENSHOTS = Path(os.environ.get("MEDSEG_DOCS_SCREENSHOTS", ROOT / "build" / "docs-screenshots"))
-# The longest screenshot, in CSS pixels; longer pages are cut there.
+# Maximum screenshot height in CSS pixels, so longer pages are cut there.
 MAX_SCREENSHOT_HEIGHT = 16000
 
 
@@ -58,6 +58,24 @@ def count_widget_views(path):
     nb = json.loads(Path(path).read_text(encoding="utf-8"))
     return sum(docs_prepare.WIDGET_VIEW in output.get("data", {})
                for cell in nb["cells"] for output in cell.get("outputs", []))
+
+
+def count_shown_outputs(path):
+    "Count the figures (PNG, JPEG) and HTML tables that a notebook stores in cells a page shows."
+    nb = json.loads(Path(path).read_text(encoding="utf-8"))
+    figures = tables = 0
+    for cell in nb["cells"]:
+        source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+        options, _ = docs_prepare.split_options(source)
+        hidden = {"hide", "export", "exporti"} & {line.split()[1] for line in source.splitlines()
+                                                   if line.startswith("#| ") and len(line.split()) == 2}
+        if cell["cell_type"] != "code" or hidden or docs_prepare.is_false(options.get("include", True)):
+            continue
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            figures += "image/png" in data or "image/jpeg" in data
+            tables += "<table" in "".join(data.get("text/html", ""))
+    return figures, tables
 
 
 def skip_or_fail(reason):
@@ -152,11 +170,38 @@ def test_notebook_titles_and_summaries():
     assert not problems, "\n".join(problems)
 
 
+def test_quarto_config_valid():
+    "nbs/_quarto.yml and nbs/nbdev.yml are what nbdev-docs needs where Quarto is installed."
+    import tomllib
+
+    import yaml
+
+    quarto = yaml.safe_load((ROOT / "nbs" / "_quarto.yml").read_text(encoding="utf-8"))
+    assert quarto["project"]["type"] == "website"
+    assert (ROOT / "nbs" / quarto["format"]["html"]["css"]).is_file()
+    assert quarto["metadata-files"] == ["nbdev.yml", "sidebar.yml"]
+
+    settings = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["nbdev"]
+    nbdev_yml = yaml.safe_load((ROOT / "nbs" / "nbdev.yml").read_text(encoding="utf-8"))
+    assert nbdev_yml["project"]["output-dir"] == settings["doc_path"]
+    assert nbdev_yml["website"]["title"] == settings["title"]
+
+
 # --- the built site ------------------------------------------------------------------------------
 
 
+def report(config, line):
+    "Write a line to the pytest terminal, past output capture."
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if capture is None:
+        print(line)
+        return
+    with capture.global_and_fixture_disabled():
+        print(f"\n{line}")
+
+
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
+def site(tmp_path_factory, pytestconfig):
     "Build the site with scripts/build_docs.sh into a temporary folder; return it and its page list."
     if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("mkdocs_jupyter") is None:
         skip_or_fail("mkdocs and mkdocs-jupyter are not installed; run bash scripts/setup.sh")
@@ -169,7 +214,7 @@ def site(tmp_path_factory):
     seconds = time.perf_counter() - start
     assert result.returncode == 0, f"build_docs.sh failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     manifest = json.loads((ROOT / "_mkdocs" / "pages.json").read_text(encoding="utf-8"))
-    print(f"\ndocs site built in {seconds:.1f} s into {site_dir}")
+    report(pytestconfig, f"docs site built in {seconds:.1f} s into {site_dir}")
     return site_dir, manifest
 
 
@@ -317,8 +362,11 @@ def browser(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def screenshots():
+def screenshots(pytestconfig):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    for old in SCREENSHOTS.glob("*.png"):
+        old.unlink()
+    report(pytestconfig, f"screenshots of every page: {SCREENSHOTS}")
     return SCREENSHOTS
 
 
@@ -357,6 +405,8 @@ const outputs = Array.from(document.querySelectorAll('.jp-OutputArea-output'));
 const blank = outputs.filter(o => o.getBoundingClientRect().height < 2 || !(o.textContent.trim() || o.querySelector('img,svg,canvas,table')));
 return {
   images: images,
+  outputImages: document.querySelectorAll('.jp-OutputArea-output img').length,
+  outputTables: document.querySelectorAll('.jp-OutputArea-output table').length,
   blankOutputs: blank.map(o => o.outerHTML.slice(0, 200)),
   widgetNotes: Array.from(document.querySelectorAll('.widget-static-note')).filter(n => n.getBoundingClientRect().height > 10).length,
   widgetViews: document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"]').length,
@@ -402,7 +452,7 @@ def open_page(driver, url):
 
 
 @pytest.mark.parametrize("notebook", [path.as_posix() for path in notebooks_in_reading_order()])
-def test_page_in_browser(notebook, site, server, browser, screenshots, capsys):
+def test_page_in_browser(notebook, site, server, browser, screenshots):
     site_dir, manifest = site
     page = next((page for page in manifest if page["source"] == notebook), None)
     assert page is not None, f"nbs/{notebook} has no page on the site"
@@ -411,8 +461,6 @@ def test_page_in_browser(notebook, site, server, browser, screenshots, capsys):
 
     shot = screenshots / (Path(page["url"]).with_suffix("").as_posix().replace("/", "_") + ".png")
     save_full_screenshot(browser, shot, state["height"])
-    with capsys.disabled():
-        print(f"\n  screenshot of {notebook}: {shot}")
 
     problems = network_problems(performance, server)
     assert not problems, f"{page['url']}: " + "; ".join(problems)
@@ -421,6 +469,9 @@ def test_page_in_browser(notebook, site, server, browser, screenshots, capsys):
 
     broken = [image for image in state["images"] if not image["complete"] or image["width"] == 0]
     assert not broken, f"{page['url']} images not loaded: {broken}"
+    figures, tables = count_shown_outputs(ROOT / "nbs" / notebook)
+    assert state["outputImages"] == figures, f"{page['url']} shows {state['outputImages']} of {figures} stored figures"
+    assert state["outputTables"] == tables, f"{page['url']} shows {state['outputTables']} of {tables} stored tables"
     assert not state["blankOutputs"], f"{page['url']} has blank output boxes: {state['blankOutputs'][:2]}"
     assert state["widgetViews"] == 0, f"{page['url']} has widget views without state"
     expected_notes = count_widget_views(ROOT / "nbs" / notebook)
