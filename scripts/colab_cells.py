@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Insert or update the "Open in Colab" badge and the Colab setup cell in every notebook of nbs/.
 
-The first cell of each notebook becomes a hidden code cell that, on Google Colab only, installs
-medseg_nbdev from its repository and Debian's mricron-data. Right after the title cell comes a
-markdown cell with the badge that opens the notebook in Colab. The repository address comes from
+Right after the title cell comes a markdown cell with the badge that opens the notebook in Colab,
+then a hidden code cell that, on Google Colab only, installs medseg_nbdev from its repository and
+Debian's mricron-data. The title stays the first cell because nbdev and the docs site read the
+page title and summary from it. The repository address comes from
 `Repository` under `[project.urls]` in pyproject.toml, so a fork changes it there and reruns this
 script. A second run changes nothing.
 
@@ -81,7 +82,7 @@ def _is_badge(cell: dict) -> bool:
 
 
 def updated_cells(cells: list[dict], repository: str, notebook: str) -> list[dict]:
-    "Return the notebook's cells with the setup cell first and the badge right after the title cell."
+    "Return the notebook's cells with the badge and then the setup cell right after the title cell."
     rest = [cell for cell in cells if not _is_setup(cell) and not _is_badge(cell)]
     setup = {"cell_type": "code", "execution_count": None, "id": SETUP_ID, "metadata": {}, "outputs": [],
              "source": _lines(setup_source(repository))}
@@ -90,7 +91,7 @@ def updated_cells(cells: list[dict], repository: str, notebook: str) -> list[dic
     title = next((i for i, cell in enumerate(rest) if cell["cell_type"] == "markdown"), None)
     if title is None:
         raise ValueError(f"{notebook} has no markdown title cell to put the Colab badge under")
-    return [setup] + rest[:title + 1] + [badge] + rest[title + 1:]
+    return rest[:title + 1] + [badge, setup] + rest[title + 1:]
 
 
 def _serialise(notebook: dict) -> str:

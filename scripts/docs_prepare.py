@@ -24,6 +24,8 @@ from pathlib import Path
 import yaml
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+COLAB_BADGE_URL = "https://colab.research.google.com/assets/colab-badge.svg"
+LOCAL_COLAB_BADGE = "assets/images/colab-badge.svg"
 WIDGET_NOTE = (
     '<div class="widget-static-note" role="note"><p><strong>Interactive widget.</strong> '
     "This output is an ipywidgets control ({name}), which needs a running Python kernel. "
@@ -124,6 +126,42 @@ def code_spans_in_headings(markdown: str) -> str:
     return "\n".join(lines)
 
 
+def local_badges(markdown: str) -> str:
+    "Point the Open-in-Colab badge image at the copy shipped with the site, which loads nothing from the network."
+    return markdown.replace(COLAB_BADGE_URL, LOCAL_COLAB_BADGE)
+
+
+def anchor_repeated_headings(cells: list[dict]) -> list[dict]:
+    """Add the anchor that the table of contents expects before each repeated heading.
+
+    When two headings of a page have the same text (a section called `load_promptable_model` and
+    the `show_doc` entry of that function), Python-Markdown's table of contents links the second
+    one as `#slug_1`, but the heading that nbconvert renders keeps the plain `slug` id. An empty
+    anchor with the expected id makes that link land on the heading."""
+    from markdown.extensions.toc import slugify
+
+    seen: dict[str, int] = {}
+    anchored = []
+    for cell in cells:
+        if cell["cell_type"] != "markdown":
+            anchored.append(cell)
+            continue
+        lines, in_fence = join_text(cell["source"]).split("\n"), False
+        for index, line in enumerate(lines):
+            if _re_fence.match(line):
+                in_fence = not in_fence
+            elif not in_fence and _re_heading.match(line):
+                text = re.sub(r"<[^>]+>", "", line.lstrip("#")).strip()
+                slug = slugify(html.unescape(text), "-")
+                if slug in seen:
+                    seen[slug] += 1
+                    lines[index] = f'<a id="{slug}_{seen[slug]}"></a>\n\n{line}'
+                else:
+                    seen[slug] = 0
+        anchored.append({**cell, "source": "\n".join(lines)})
+    return anchored
+
+
 def markdown_cell(source: str) -> dict:
     return {"cell_type": "markdown", "metadata": {}, "source": source}
 
@@ -152,7 +190,7 @@ def convert_cells(cells: list[dict]) -> list[dict]:
     converted = []
     for cell in cells:
         if cell["cell_type"] == "markdown":
-            converted.append({**cell, "source": code_spans_in_headings(join_text(cell["source"]))})
+            converted.append({**cell, "source": local_badges(code_spans_in_headings(join_text(cell["source"])))})
             continue
         if cell["cell_type"] != "code":
             converted.append(cell)
@@ -212,7 +250,7 @@ def stage_notebook(proc_path: Path, source_nb: dict, relative: Path) -> tuple[di
     heading = f"# {title}"
     if meta.get("description"):
         heading += f"\n\n> {meta['description']}"
-    nb["cells"] = renumber([markdown_cell(heading), *convert_cells(cells)])
+    nb["cells"] = renumber(anchor_repeated_headings([markdown_cell(heading), *convert_cells(cells)]))
 
     # nbdev records the widget state of its own doc-processing kernel. With that metadata present,
     # mkdocs-jupyter loads the widget manager from a CDN, so it is removed (widget views become notes).
@@ -303,6 +341,7 @@ def site_assets(root: Path) -> dict[Path, Path]:
     return {
         root / "docs_assets/javascripts": Path("assets/javascripts"),
         root / "docs_assets/stylesheets": Path("assets/stylesheets"),
+        root / "docs_assets/images": Path("assets/images"),
         mathjax / "tex-chtml-full.js": Path("assets/mathjax/tex-chtml-full.js"),
         mathjax / "output/chtml/fonts/woff-v2": Path("assets/mathjax/output/chtml/fonts/woff-v2"),
     }

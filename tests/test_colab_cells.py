@@ -26,14 +26,13 @@ def test_every_notebook_has_colab_cells():
     assert not stale, f"These notebooks lack current Colab cells, so run `python scripts/colab_cells.py`: {stale}"
 
 
-def test_cells_sit_first_and_under_the_title():
+def test_cells_sit_under_the_title():
     for path in notebooks(ROOT / "nbs"):
         cells = json.loads(path.read_text())["cells"]
-        assert colab_cells._is_setup(cells[0]), path.name
-        title = next(i for i, cell in enumerate(cells) if cell["cell_type"] == "markdown")
-        assert "".join(cells[title]["source"]).startswith("# "), path.name
-        assert colab_cells._is_badge(cells[title + 1]), path.name
-        assert f"blob/main/nbs/{path.name})" in "".join(cells[title + 1]["source"])
+        assert "".join(cells[0]["source"]).startswith("# "), path.name
+        assert colab_cells._is_badge(cells[1]), path.name
+        assert f"blob/main/nbs/{path.name})" in "".join(cells[1]["source"])
+        assert colab_cells._is_setup(cells[2]), path.name
 
 
 def test_script_is_idempotent_and_follows_pyproject(tmp_path):
@@ -50,8 +49,8 @@ def test_script_is_idempotent_and_follows_pyproject(tmp_path):
     assert colab_cells.main(["--root", str(tmp_path), "--check"]) == 0
     cells = json.loads(first)["cells"]
     assert sum(colab_cells._is_setup(c) for c in cells) == 1
-    assert "github/a-fork/medseg_nbdev/blob/main/nbs/00_core.ipynb" in "".join(cells[2]["source"])
-    assert "git+https://github.com/a-fork/medseg_nbdev" in "".join(cells[0]["source"])
+    assert "github/a-fork/medseg_nbdev/blob/main/nbs/00_core.ipynb" in "".join(cells[1]["source"])
+    assert "git+https://github.com/a-fork/medseg_nbdev" in "".join(cells[2]["source"])
 
 
 def test_repository_must_be_on_github(tmp_path):

@@ -528,10 +528,10 @@ def test_search_finds_pages(site, server, browser):
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(server)
-    box = WebDriverWait(browser, 10).until(conditions.element_to_be_clickable((By.CSS_SELECTOR, "input.md-search__input")))
+    box = WebDriverWait(browser, 60).until(conditions.element_to_be_clickable((By.CSS_SELECTOR, "input.md-search__input")))
     box.click()
     box.send_keys("hippocampus")
-    results = WebDriverWait(browser, 20).until(
+    results = WebDriverWait(browser, 90).until(
         lambda driver: driver.find_elements(By.CSS_SELECTOR, ".md-search-result__item a"))
     hrefs = [result.get_attribute("href") for result in results]
     assert any("data.html" in href for href in hrefs), f"search for 'hippocampus' did not find the data page: {hrefs}"
