@@ -1133,7 +1133,7 @@ def add_al_commands(subparsers) -> None:
     al.add_argument("--seeds", type=int, default=None, help="number of seeds, 0..S-1 (default: the preset's)")
     al.add_argument("--steps", type=int, default=None, help="training steps per cycle (default: the preset's)")
     al.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
-    al.add_argument("--width", type=int, default=None, help="UNet base width in channels (default: 16)")
+    al.add_argument("--width", type=int, default=None, help="UNet base width in channels (default: the preset's, 8 for teaching, 16 for thesis)")
     al.add_argument("--pool-size", type=int, default=None,
                     help="number of stochastic batches Q (default: floor(unlabelled / budget), disjoint)")
     al.add_argument("--resample", action="store_true",

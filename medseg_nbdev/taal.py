@@ -349,6 +349,8 @@ def add_taal_commands(subparsers) -> None:
                       help="training cycles including the initial one (default: the preset's)")
     taal.add_argument("--seeds", type=int, default=None, help="number of seeds, 0..S-1 (default: the preset's)")
     taal.add_argument("--steps", type=int, default=None, help="training steps per cycle (default: the preset's)")
+    taal.add_argument("--width", type=int, default=None,
+                      help="UNet base width in channels (default: the preset's, 8 for teaching, 16 for thesis)")
     taal.add_argument("--a", type=float, default=0.75, help="weight a of the weighted JSD for TAAL (default: 0.75)")
     taal.add_argument("--views", type=int, default=3, help="augmented views K in the consistency loss (default: 3)")
     taal.add_argument("--unlabelled-batch", type=int, default=4,
@@ -382,6 +384,8 @@ def run_taal_command(args: argparse.Namespace) -> int:
         train = dataclasses.replace(train, ce_weight=0.0, dice_weight=1.0)
     if args.steps is not None:
         train = dataclasses.replace(train, steps=args.steps)
+    if args.width is not None:
+        train = dataclasses.replace(train, width=args.width)
     config = dataclasses.replace(config, train=train).validate()
     n_seeds = preset["seeds"] if args.seeds is None else args.seeds
     if n_seeds < 1:

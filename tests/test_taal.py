@@ -180,8 +180,10 @@ def test_taal_command_bad_input(tmp_path, capsys, colin27):
 def test_taal_command_writes_results(tmp_path, colin27):
     out = tmp_path / "taal"
     code = main(["taal", "--out", str(out), "--strategy", "random", "taal", "--cycles", "2", "--seeds", "1",
-                 "--steps", "2", "--unlabelled-batch", "2", "--device", "cpu", "--quiet"])
+                 "--steps", "2", "--width", "4", "--unlabelled-batch", "2", "--device", "cpu", "--quiet"])
     assert code == 0
-    rows = json.loads((out / "results.json").read_text())["rows"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["taal"]["config"]["train"]["width"] == 4
+    rows = results["rows"]
     assert {r["strategy"] for r in rows} == {"random", "taal"}
     assert (out / "taal_curves.png").exists() and (out / "taal_table.txt").exists()
