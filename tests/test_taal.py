@@ -112,7 +112,7 @@ def test_taal_config_bad_input(change, message):
         dataclasses.replace(TAALConfig(), **change).validate()
 
 
-def test_semi_supervised_training_is_reproducible_and_differs_from_supervised():
+def test_semi_supervised_training_reproducible():
     data = toy_dataset()
     config = TrainConfig(steps=5, width=4, depth=2)
     first, history = train_unet_semi_supervised(data.subset(range(6)), data.subset(range(6, 12)), config,
@@ -186,4 +186,5 @@ def test_taal_command_writes_results(tmp_path, colin27):
     assert results["settings"]["taal"]["config"]["train"]["width"] == 4
     rows = results["rows"]
     assert {r["strategy"] for r in rows} == {"random", "taal"}
-    assert (out / "taal_curves.png").exists() and (out / "taal_table.txt").exists()
+    assert (out / "taal_curves.png").exists()
+    assert (out / "taal_table.txt").exists()
