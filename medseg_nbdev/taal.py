@@ -108,7 +108,7 @@ class TAALConfig:
     k_train: int = 3  # Augmented views K in the consistency loss
     a: float = 0.75  # Weight of the weighted JSD in the loss and the sampling score (0.5: standard JSD)
     consistency_weight: float = 1.0  # lambda_max, the weight reached after the ramp-up
-    rampup_fraction: float = 10 / 75  # t_R as a share of the training steps (10 of 75 epochs in the paper)
+    rampup_fraction: float = 10 / 75  # t_R as a share of the training steps (10 of 75 epochs in the TAAL paper)
     unlabelled_batch_size: int = 4  # Unlabelled images per step
     noise_std: float = 0.01  # Gaussian noise of the views
 
@@ -118,8 +118,12 @@ class TAALConfig:
             raise ValueError(f"k_train must be at least 2, got {self.k_train}")
         if not 0 <= self.a <= 1:
             raise ValueError(f"The weight a must lie in [0, 1], got {self.a}")
-        if self.consistency_weight < 0 or self.noise_std < 0 or not 0 <= self.rampup_fraction <= 1:
-            raise ValueError(f"Invalid TAAL setting: {self}")
+        if self.consistency_weight < 0:
+            raise ValueError(f"consistency_weight must be non-negative, got {self.consistency_weight}")
+        if self.noise_std < 0:
+            raise ValueError(f"noise_std must be non-negative, got {self.noise_std}")
+        if not 0 <= self.rampup_fraction <= 1:
+            raise ValueError(f"rampup_fraction must lie in [0, 1], got {self.rampup_fraction}")
         if self.unlabelled_batch_size < 1:
             raise ValueError(f"unlabelled_batch_size must be positive, got {self.unlabelled_batch_size}")
         return self

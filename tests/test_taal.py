@@ -105,7 +105,9 @@ def test_consistency_loss_needs_two_views():
     ({"k_train": 1}, "k_train"),
     ({"a": 1.2}, r"\[0, 1\]"),
     ({"unlabelled_batch_size": 0}, "unlabelled_batch_size"),
-    ({"rampup_fraction": 2.0}, "Invalid TAAL setting"),
+    ({"rampup_fraction": 2.0}, "rampup_fraction must lie in"),
+    ({"consistency_weight": -1.0}, "consistency_weight must be non-negative"),
+    ({"noise_std": -0.1}, "noise_std must be non-negative"),
 ])
 def test_taal_config_bad_input(change, message):
     with pytest.raises(ValueError, match=message):
