@@ -3,8 +3,8 @@
 1. Exact CRC threshold (one sort) against a 1000-point grid search on the same calibration
    scores: the exact value must be equal or tighter, and we report the speed ratio.
 2. k-NN graph construction plus 10 diffusion steps on a 64 x 64 grid of 256-d features: time
-   per image and peak memory on this CPU (target: under 0.2 s per image), with the full
-   similarity matrix in one chunk as the reference, and on a CUDA GPU when one is present.
+   per image and peak memory on this CPU, whose target is under 0.2 s per image. The full
+   similarity matrix in one chunk is the reference, and a CUDA GPU is measured when present.
 3. Whole RW-CP calibration for n = 20 images with cached features: reading the features,
    diffusing 20 probability maps and computing lambda_hat.
 
@@ -96,7 +96,9 @@ def bench_lambda_hat(repeats: int) -> dict:
 GRAPH_CHILD = r"""
 import json, resource, sys, time, torch, numpy as np
 from medseg_nbdev.rwcp import knn_cosine, transition_from_neighbours, diffuse
-chunk, repeats, device = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+chunk, repeats, device, threads = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+if threads:
+    torch.set_num_threads(threads)
 features = torch.randn(256, 64, 64, generator=torch.Generator().manual_seed(0)).to(device)
 values = np.random.default_rng(0).random((64, 64))
 def run():
@@ -118,12 +120,16 @@ print(json.dumps({"seconds": sorted(times)[len(times) // 2], "peak_rss_increase_
 
 def bench_graph(repeats: int) -> dict:
     "Time and peak memory of kNN graph + 10 steps, each setting in a fresh process so peak memory is its own."
-    settings = [("cpu", 1024), ("cpu", 4096)] + ([("cuda", 1024), ("cuda", 4096)] if torch.cuda.is_available() else [])
+    # threads 0 keeps torch's default (one per core); 1 helps when other jobs load the machine
+    settings = [("cpu", 1024, 0), ("cpu", 1024, 1), ("cpu", 4096, 0)]
+    if torch.cuda.is_available():
+        settings += [("cuda", 1024, 0), ("cuda", 4096, 0)]
     out = {}
-    for device, chunk in settings:
-        result = subprocess.run([sys.executable, "-c", GRAPH_CHILD, str(chunk), str(repeats), device],
+    for device, chunk, threads in settings:
+        result = subprocess.run([sys.executable, "-c", GRAPH_CHILD, str(chunk), str(repeats), device, str(threads)],
                                 capture_output=True, text=True, check=True)
-        out[f"{device}, chunk {chunk}"] = json.loads(result.stdout.strip().splitlines()[-1])
+        name = f"{device}, chunk {chunk}" + (f", {threads} thread" if threads else "")
+        out[name] = json.loads(result.stdout.strip().splitlines()[-1])
     return out
 
 
@@ -171,11 +177,11 @@ def main() -> None:
     graph = bench_graph(repeats)
     print("\n2. kNN graph (k = 20, exact cosine) + 10 diffusion steps, 64 x 64 grid of 256-d features:")
     for name, r in graph.items():
-        print(f"   {name:16s} {r['seconds'] * 1e3:8.1f} ms per image, peak RSS increase {r['peak_rss_increase_mb']:7.1f} MB"
+        print(f"   {name:26s} {r['seconds'] * 1e3:8.1f} ms per image, peak RSS increase {r['peak_rss_increase_mb']:7.1f} MB"
               + (f", GPU peak {r['gpu_peak_mb']:.1f} MB" if r["gpu_peak_mb"] else ""))
-    cpu = graph["cpu, chunk 1024"]
-    print(f"   target under 0.2 s per image on the CPU: {'met' if cpu['seconds'] < 0.2 else 'NOT met'} "
-          f"({cpu['seconds']:.3f} s at the load average above)")
+    best = min(r["seconds"] for name, r in graph.items() if name.startswith("cpu"))
+    print(f"   target under 0.2 s per image on the CPU: {'met' if best < 0.2 else 'NOT met'} "
+          f"(best {best:.3f} s at the load average above)")
     if not torch.cuda.is_available():
         print("   no CUDA GPU on this machine, so no GPU timing")
 

@@ -36,7 +36,7 @@ __all__ = ['logger', 'CROSS', 'CONFORMAL_DATA_OPTIONS', 'MIN_FOREGROUND', 'check
 def check_alpha(
     alpha: float,  # Target error level alpha
 ) -> float:
-    "Return `alpha` as a float after checking that it lies in the open interval (0, 1)."
+    "Check that `alpha` lies in the open interval (0, 1) and return it as a float."
     try:
         value = float(alpha)
     except (TypeError, ValueError):
@@ -51,7 +51,7 @@ def min_calibration_size(
     alpha: float,  # Target error level alpha
     bound: float = 1.0,  # Upper bound B of the loss (1 for a miscoverage or FNR loss)
 ) -> int:
-    "Return the smallest calibration size n with n >= B / alpha - 1, which any finite conformal set needs."
+    "Compute the smallest calibration size n with n >= B / alpha - 1, which any finite conformal set needs."
     alpha = check_alpha(alpha)
     # the 1e-9 keeps rounding error in B / alpha from pushing an exact integer up by one
     return max(1, math.ceil(bound / alpha - 1 - 1e-9))
@@ -61,7 +61,7 @@ def conformal_rank(
     n: int,  # Number of calibration scores
     alpha: float,  # Target miscoverage level alpha
 ) -> int:
-    "Return the 1-based rank k = ceil((n + 1)(1 - alpha)) of the conformal quantile, raising if k > n."
+    "Compute the 1-based rank k = ceil((n + 1)(1 - alpha)) of the conformal quantile, raising if k > n."
     alpha = check_alpha(alpha)
     if n < 1:
         raise ValueError(f"The calibration set is empty (n={n}); conformal prediction needs calibration scores")
@@ -78,7 +78,7 @@ def conformal_quantile(
     scores: Sequence[float],  # Calibration non-conformity scores s_1..s_n (may contain +inf)
     alpha: float,  # Target miscoverage level alpha
 ) -> float:
-    "Return q_hat, the k-th smallest score with k = ceil((n + 1)(1 - alpha))."
+    "Compute the conformal quantile q_hat, the k-th smallest score with k = ceil((n + 1)(1 - alpha))."
     scores = np.asarray(scores, dtype=np.float64).ravel()
     if np.isnan(scores).any():
         raise ValueError(f"{int(np.isnan(scores).sum())} calibration score(s) are NaN")
@@ -91,7 +91,7 @@ def alpha_star(
     n: int,  # Number of calibration images
     bound: float = 1.0,  # Upper bound B of the loss
 ) -> float:
-    "Return the finite-sample target alpha* = ((n + 1) / n) alpha - B / n, raising if it is negative."
+    "Compute the finite-sample target alpha* = ((n + 1) / n) alpha - B / n, raising if it is negative."
     alpha = check_alpha(alpha)
     if n < 1:
         raise ValueError(f"The calibration set is empty (n={n}); conformal risk control needs calibration images")
@@ -125,7 +125,7 @@ def crc_lambda_hat(
     scores: Sequence[np.ndarray],  # One array of scores T_i per calibration image
     alpha: float,  # Target risk level alpha
 ) -> float:
-    "Return the exact CRC threshold inf{lambda : R_n(lambda) <= alpha*} for losses 1 - |{t <= lambda}| / |T_i|."
+    "Compute the exact CRC threshold inf{lambda : R_n(lambda) <= alpha*} for losses 1 - |{t <= lambda}| / |T_i|."
     arrays = _as_score_list(scores)
     n = len(arrays)
     needed = 1.0 - alpha_star(alpha, n)  # covered mass 1 - R_n must reach this; positive because alpha < 1
@@ -143,7 +143,7 @@ def empirical_fnr(
     scores: Sequence[np.ndarray],  # One array of scores T_i per image
     lambda_: float,  # Threshold lambda
 ) -> np.ndarray:
-    "Return each image's loss L_i(lambda) = 1 - |{t in T_i : t <= lambda}| / |T_i|; their mean is R_n(lambda)."
+    "Compute each image's loss L_i(lambda) = 1 - |{t in T_i : t <= lambda}| / |T_i|, whose mean is R_n(lambda)."
     arrays = _as_score_list(scores)
     return np.array([1.0 - np.count_nonzero(a <= lambda_) / a.size for a in arrays])
 
@@ -153,7 +153,7 @@ def crc_lambda_hat_grid(
     alpha: float,  # Target risk level alpha
     n_grid: int = 1000,  # Number of evenly spaced candidate values in [0, 1]
 ) -> float:
-    "Return the smallest grid value lambda in linspace(0, 1, n_grid) with R_n(lambda) <= alpha* (the usual grid search)."
+    "Search linspace(0, 1, n_grid) for the smallest lambda with R_n(lambda) <= alpha*, as grid-search code does."
     arrays = [np.sort(a) for a in _as_score_list(scores)]
     target = alpha_star(alpha, len(arrays))
     grid = np.linspace(0.0, 1.0, n_grid)
@@ -171,7 +171,7 @@ def check_probabilities(
     probabilities: np.ndarray,  # Foreground probability maps S, any shape
     name: str = "probabilities",  # Name used in error messages
 ) -> np.ndarray:
-    "Return the maps as float64 after checking that they are finite and lie in [0, 1]."
+    "Check that probability maps are finite and lie in [0, 1], and return them as float64."
     s = np.asarray(probabilities)
     if not (np.issubdtype(s.dtype, np.floating) or np.issubdtype(s.dtype, np.integer) or s.dtype == bool):
         raise TypeError(f"{name} must be numeric, got dtype {s.dtype}")
@@ -189,7 +189,7 @@ def check_masks(
     masks: np.ndarray,  # Binary ground-truth masks Y
     shape: Sequence[int],  # Shape of the probability maps they belong to
 ) -> np.ndarray:
-    "Return the masks as bool after checking that they are binary and have the maps' shape."
+    "Check that masks are binary and have the maps' shape, and return them as bool."
     y = np.asarray(masks)
     if tuple(y.shape) != tuple(shape):
         raise ValueError(f"Mask shape {tuple(y.shape)} differs from the probability map shape {tuple(shape)}; "
@@ -206,7 +206,7 @@ def check_masks(
 def has_foreground(
     masks: np.ndarray,  # (N, H, W) ground-truth masks
 ) -> np.ndarray:
-    "Return an (N,) boolean array telling which masks contain at least one foreground pixel."
+    "Tell which of N masks contain at least one foreground pixel, as an (N,) boolean array."
     masks = np.asarray(masks)
     return masks.reshape(len(masks), -1).astype(bool).any(axis=1)
 
@@ -214,7 +214,7 @@ def has_foreground(
 def pixel_scores(
     probabilities: np.ndarray,  # Foreground probability maps S in [0, 1]
 ) -> np.ndarray:
-    "Return the non-conformity scores s = 1 - S in float64."
+    "Compute the non-conformity scores s = 1 - S in float64."
     return 1.0 - check_probabilities(probabilities)
 
 
@@ -222,7 +222,7 @@ def prediction_set(
     probabilities: np.ndarray,  # Foreground probability maps S in [0, 1]
     lambda_: float,  # Threshold lambda
 ) -> np.ndarray:
-    "Return the set C_lambda = {p : S_p >= 1 - lambda}, computed as {p : 1 - S_p <= lambda}."
+    "Threshold maps into the sets C_lambda = {p : S_p >= 1 - lambda}, computed as {p : 1 - S_p <= lambda}."
     return pixel_scores(probabilities) <= lambda_
 
 
@@ -230,7 +230,7 @@ def fnr_loss(
     prediction_set: np.ndarray,  # Binary set C
     target: np.ndarray,  # Binary ground truth Y with at least one foreground pixel
 ) -> float:
-    "Return the false-negative rate 1 - |Y ∩ C| / |Y|, raising when Y is empty."
+    "Compute the false-negative rate 1 - |Y ∩ C| / |Y|, raising when Y is empty."
     c = check_masks(prediction_set, np.shape(prediction_set))
     y = check_masks(target, c.shape)
     size = int(y.sum())
@@ -244,7 +244,7 @@ def foreground_scores(
     probabilities: np.ndarray,  # (N, H, W) foreground probability maps
     masks: np.ndarray,  # (N, H, W) binary ground-truth masks, none of them empty
 ) -> list[np.ndarray]:
-    "Return, for each image, the sorted scores 1 - S_p of its ground-truth pixels."
+    "Collect, for each image, the sorted scores 1 - S_p of its ground-truth pixels."
     s = pixel_scores(probabilities)
     y = check_masks(masks, s.shape)
     if s.ndim < 2:
@@ -262,7 +262,7 @@ def calibrate_crc(
     masks: np.ndarray,  # (n, H, W) calibration ground truth
     alpha: float,  # Target expected FNR
 ) -> float:
-    "Return the exact CRC threshold lambda_hat that bounds the expected FNR by `alpha`."
+    "Calibrate the exact CRC threshold lambda_hat that bounds the expected FNR by `alpha`."
     return crc_lambda_hat(foreground_scores(probabilities, masks), alpha)
 
 # %% ../nbs/30_conformal.ipynb #cf72eafb
@@ -272,7 +272,7 @@ CROSS = ndimage.generate_binary_structure(2, 1)  # the 3 x 3 cross of a unit dil
 def dilation_steps(
     mask: np.ndarray,  # (H, W) binary predicted mask
 ) -> np.ndarray:
-    "Return, for each pixel, how many unit cross dilations of `mask` it takes to include it (+inf if `mask` is empty)."
+    "Count, for each pixel, the unit cross dilations of `mask` that it takes to include it (+inf if `mask` is empty)."
     m = check_masks(mask, np.shape(mask))
     if m.ndim != 2:
         raise ValueError(f"Expected a 2D mask, got shape {m.shape}")
@@ -286,7 +286,7 @@ def dilate(
     mask: np.ndarray,  # (H, W) binary mask
     n_dilations: float,  # Number d of unit cross dilations (+inf gives the whole image)
 ) -> np.ndarray:
-    "Return `mask` grown by `n_dilations` unit dilations with the 3 x 3 cross."
+    "Grow `mask` by `n_dilations` unit dilations with the 3 x 3 cross."
     if np.isinf(n_dilations) and n_dilations > 0:
         return np.ones(np.shape(mask), dtype=bool)
     if n_dilations < 0 or n_dilations != int(n_dilations):
@@ -298,7 +298,7 @@ def foreground_dilation_steps(
     predicted_masks: np.ndarray,  # (N, H, W) binary masks of the model
     masks: np.ndarray,  # (N, H, W) binary ground truth, none of them empty
 ) -> list[np.ndarray]:
-    "Return, for each image, the sorted numbers of dilations of its predicted mask that reach its ground-truth pixels."
+    "Collect, for each image, the sorted numbers of dilations of its predicted mask that reach its ground-truth pixels."
     predicted = check_masks(predicted_masks, np.shape(predicted_masks))
     y = check_masks(masks, predicted.shape)
     empty = np.flatnonzero(~has_foreground(y))
@@ -312,7 +312,7 @@ def consema_scores(
     steps: Sequence[np.ndarray],  # Sorted dilation steps of each image's ground-truth pixels
     coverage_ratio: float = 1.0,  # Fraction tau of the ground truth that the set must cover
 ) -> np.ndarray:
-    "Return ConSeMa's score of each image: the fewest dilations whose set covers a fraction tau of the ground truth."
+    "Compute ConSeMa's score of each image: the fewest dilations whose set covers a fraction tau of the ground truth."
     if not 0 < coverage_ratio <= 1:
         raise ValueError(f"coverage_ratio must lie in (0, 1], got {coverage_ratio}")
     out = []
@@ -329,7 +329,7 @@ def calibrate_consema(
     alpha: float,  # Target probability of missing more than 1 - tau of the structure
     coverage_ratio: float = 1.0,  # Fraction tau of the ground truth that must be covered
 ) -> float:
-    "Return ConSeMa's calibrated number of dilations d_hat (+inf means the whole image)."
+    "Calibrate ConSeMa's number of dilations d_hat (+inf means the whole image)."
     steps = foreground_dilation_steps(predicted_masks, masks)
     return conformal_quantile(consema_scores(steps, coverage_ratio), alpha)
 
@@ -340,7 +340,7 @@ def set_metrics(
     model_mask: np.ndarray,  # (H, W) binary mask of the model, Y_hat
     spacing: Sequence[float] = (1.0, 1.0),  # (row, col) pixel spacing in mm
 ) -> dict:
-    "Return coverage, stretch, DSC, ASSD (mm) and HD95 (mm) of a set against the ground truth."
+    "Measure coverage, stretch, DSC, ASSD (mm) and HD95 (mm) of a set against the ground truth."
     c = check_masks(prediction_set, np.shape(prediction_set))
     y = check_masks(target, c.shape)
     y_hat = check_masks(model_mask, c.shape)
@@ -378,10 +378,10 @@ class ConformalData:
     dataset: str  # Registered data set name
     options: dict = field(default_factory=dict)  # Loader options used
     min_foreground: int = MIN_FOREGROUND  # Pixels of structure a pool slice needs
-    policy: str = ""  # How the slices were chosen
+    policy: str = ""  # Slice selection policy of the loader
 
     def describe(self) -> str:
-        "Return a one-paragraph description of the slices."
+        "Describe the slices in one paragraph."
         return (f"{self.dataset} with {self.options}: {len(self.train)} training slices and an evaluation pool of "
                 f"{len(self.pool)} slices with at least {self.min_foreground} foreground pixels (left out: "
                 f"{self.n_empty} evaluation slices without foreground, {self.n_small} with less). {self.policy}")
@@ -391,7 +391,7 @@ def conformal_data_options(
     dataset: str,  # Registered data set name
     **options,  # Loader options overriding CONFORMAL_DATA_OPTIONS
 ) -> dict:
-    "Return the loader options of a conformal experiment: CONFORMAL_DATA_OPTIONS that the loader accepts, then `options`."
+    "Merge the CONFORMAL_DATA_OPTIONS that the loader of `dataset` accepts with `options`, which take precedence."
     accepted = inspect.signature(get_dataset_info(dataset).loader).parameters
     defaults = {k: v for k, v in CONFORMAL_DATA_OPTIONS.items() if k in accepted}
     return {**defaults, **options}
@@ -427,7 +427,7 @@ def conformal_unet(
     progress: bool = True,  # Show the training progress bar
     **options,  # Loader options overriding CONFORMAL_DATA_OPTIONS
 ) -> torch.nn.Module:
-    "Return the segmentation network of a conformal experiment, loaded from `checkpoint` or trained once and cached."
+    "Load the segmentation network of a conformal experiment from `checkpoint`, or train it once and cache it."
     if checkpoint is not None:
         return load_unet(checkpoint, device=device if device is not None else "cpu")
     return cached_unet(dataset, config, device=device, progress=progress, **conformal_data_options(dataset, **options))
@@ -439,7 +439,7 @@ def foreground_probability(
     data: SliceDataset | np.ndarray,  # Slices, or images (N, H, W)
     batch_size: int = 16,  # Images per forward pass
 ) -> np.ndarray:
-    "Return the foreground probability 1 - p(background) of each pixel as float64 maps (N, H, W)."
+    "Compute the foreground probability 1 - p(background) of each pixel as float64 maps (N, H, W)."
     images = data.images if isinstance(data, SliceDataset) else np.asarray(data)
     if images.ndim != 3:
         raise ValueError(f"Expected images of shape (N, H, W), got {images.shape}")

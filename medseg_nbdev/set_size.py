@@ -24,7 +24,7 @@ def set_size_curve(
     probabilities: np.ndarray,  # (H, W) map or (N, H, W) maps S in [0, 1]
     lambdas: Sequence[float],  # Values of lambda
 ) -> np.ndarray:
-    "Return |C_lambda| = #{p : 1 - S_p <= lambda} in pixels, shape (len(lambdas),) or (N, len(lambdas))."
+    "Count the set size |C_lambda| = #{p : 1 - S_p <= lambda} in pixels: shape (len(lambdas),) or (N, len(lambdas))."
     s = pixel_scores(probabilities)
     lambdas = np.asarray(lambdas, dtype=np.float64)
     flat = np.sort(s.reshape(-1, s.shape[-2] * s.shape[-1]), axis=1)
@@ -36,7 +36,7 @@ def set_size_derivative(
     lambdas: Sequence[float],  # Increasing values of lambda
     sizes: np.ndarray,  # Set sizes at `lambdas`, last axis
 ) -> np.ndarray:
-    "Return the numerical derivative d|C_lambda|/d lambda by central differences (one-sided at the ends)."
+    "Differentiate set sizes numerically, d|C_lambda|/d lambda, by central differences (one-sided at the ends)."
     lambdas = np.asarray(lambdas, dtype=np.float64)
     if lambdas.ndim != 1 or lambdas.size < 2 or not (np.diff(lambdas) > 0).all():
         raise ValueError("lambdas must be at least two strictly increasing values")
@@ -48,7 +48,7 @@ def level_set_integral(
     level: float,  # Level t of the line S = t
     spacing: float = 1.0,  # Pixel size in the units of the result
 ) -> float:
-    "Return the integral of 1 / |grad S| along the level line S = t (the coarea density at t)."
+    "Integrate 1 / |grad S| along the level line S = t (the coarea density at t)."
     s = check_probabilities(probabilities)
     if s.ndim != 2:
         raise ValueError(f"Expected one (H, W) map, got shape {s.shape}")
@@ -74,7 +74,7 @@ def calibration_spread(
     n_draws: int = 1000,  # Random calibration draws
     seed: int = 0,  # Seed of the draws
 ) -> dict:
-    "Return {'crc'|'rwcp': {'lambda_hat': (n_draws,), 'relative_size': (n_draws,)}} over random calibration draws."
+    "Calibrate CRC and RW-CP on random draws; returns {'crc'|'rwcp': {'lambda_hat', 'relative_size'}} per draw."
     check_alpha(alpha)
     if not 1 <= n_cal < len(scores):
         raise ValueError(f"n_cal={n_cal} leaves no test image in a pool of {len(scores)}")

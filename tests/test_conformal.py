@@ -64,7 +64,7 @@ def test_public_code_quantile_is_one_rank_higher():
         public_code_quantile(scores, 0.05)
 
 
-def test_split_conformal_coverage_is_k_over_n_plus_one():
+def test_split_conformal_coverage_rate():
     rng = np.random.default_rng(0)
     n, alpha, trials = 9, 0.2, 100_000
     draws = rng.random((trials, n + 1))
@@ -117,7 +117,7 @@ def test_crc_lambda_hat_is_tighter_than_grid():
         assert empirical_fnr(scores, exact).mean() <= alpha_star(alpha, n) + 1e-12
 
 
-def test_split_conformal_is_crc_with_one_score_per_image():
+def test_split_conformal_as_crc():
     rng = np.random.default_rng(3)
     scores = rng.random(30)
     for alpha in (0.05, 0.1, 0.2, 0.5):
@@ -230,7 +230,7 @@ def test_calibrate_consema_uses_the_conformal_rank():
     assert calibrate_consema(predicted, masks, 0.05) == scores.max()
 
 
-def test_consema_contains_the_structure_with_probability_one_minus_alpha():
+def test_consema_containment_rate():
     rng = np.random.default_rng(7)
     n, alpha, trials = 19, 0.2, 400
     missed, fnr = [], []

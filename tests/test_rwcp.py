@@ -87,7 +87,8 @@ def test_diffusion_preserves_range_and_constants():
     values = np.random.default_rng(0).random((10, 10))
     out = diffuse(matrix, values, 25)
     assert out.shape == (10, 10)
-    assert out.min() >= values.min() - 1e-12 and out.max() <= values.max() + 1e-12
+    assert out.min() >= values.min() - 1e-12
+    assert out.max() <= values.max() + 1e-12
     assert out.std() < values.std()
     assert np.allclose(diffuse(matrix, np.full((10, 10), 0.4), 25), 0.4)
     assert np.array_equal(diffuse(matrix, values, 0), values)
@@ -102,7 +103,9 @@ def test_rw_diffusion_resamples_between_grids():
     out = rw_diffusion(probs, features, RandomWalkConfig(k=4, n_step=0))
     assert np.allclose(out, to_grid(to_grid(probs, (16, 12)), (32, 24)).numpy())
     smoothed = rw_diffusion(probs, features, RandomWalkConfig(k=10, beta=1.0, n_step=30))
-    assert smoothed.shape == probs.shape and 0 <= smoothed.min() and smoothed.max() <= 1
+    assert smoothed.shape == probs.shape
+    assert smoothed.min() >= 0
+    assert smoothed.max() <= 1
     with pytest.raises(ValueError, match="must lie in"):
         rw_diffusion(probs * 2, features)
     with pytest.raises(ValueError, match="only 192 positions"):
@@ -207,10 +210,12 @@ def test_results_table_rows_and_json_safe_values():
         [("model", None)] + [(m, a) for a in (0.2, 0.1) for m in ("crc", "consema", "rwcp")]
     for row in rows:
         for key in ("coverage", "stretch", "dsc", "assd", "hd95"):
-            assert key in row and f"{key}_std" in row
+            assert key in row
+            assert f"{key}_std" in row
     json.dumps(rows, allow_nan=False)
     infinite = summarise([{"consema": {"coverage": 1.0, "parameter": math.inf}}], 0.1, "consema")
-    assert infinite["parameter"] is None and infinite["coverage"] == 1.0
+    assert infinite["parameter"] is None
+    assert infinite["coverage"] == 1.0
     with pytest.raises(ValueError, match="at least 19 images"):
         results_table(pool, (0.05,), n_cal=12)
 
