@@ -796,7 +796,7 @@ def plot_sets(
                ("rwcp", f"RW-CP, $\\lambda$ = {parameters['rwcp']:.2g}"), ("diffused", "$S^{(n)}$ diffused")]
     fig, axes = plt.subplots(len(test_images), len(columns), figsize=(2.2 * len(columns), 2.3 * len(test_images)),
                              squeeze=False)
-    for row, i in zip(axes, test_images):
+    for r, (row, i) in enumerate(zip(axes, test_images)):
         for ax, (key, title) in zip(row, columns):
             if key in ("raw", "diffused"):
                 ax.imshow(scores.probabilities[i] if key == "raw" else scores.diffused[i], cmap="magma", vmin=0, vmax=1)
@@ -808,7 +808,7 @@ def plot_sets(
                 ax.set_xlabel(f"FNR {1 - (c & scores.masks[i]).sum() / scores.masks[i].sum():.2f}", fontsize=7)
             ax.contour(scores.masks[i], levels=[0.5], colors="c", linewidths=0.7, linestyles="--")
             ax.set_xticks([]); ax.set_yticks([])
-            if row is axes[0]:
+            if r == 0:
                 ax.set_title(title, fontsize=8)
     fig.suptitle(f"Prediction sets at alpha = {alpha} (ground truth dashed cyan)", fontsize=9)
     fig.tight_layout()
