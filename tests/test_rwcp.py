@@ -1,6 +1,6 @@
 """RW-CP: feature extractors and their disk cache, the chunked k-NN graph, the transition
-matrix and the diffusion, the three-method evaluation, validity over random splits, and the
-`medseg conformal` command."""
+matrix and the diffusion, the three-method evaluation, validity over random splits, the
+`medseg conformal` command, and the set-size analysis of Appendix I."""
 import json
 import math
 
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from medseg_nbdev.cli import main
 from medseg_nbdev.core import set_seed
 from medseg_nbdev.foundation import image_digest, load_promptable_model
+from medseg_nbdev.set_size import calibration_spread, level_set_integral, set_size_curve, set_size_derivative
 from medseg_nbdev.rwcp import (ConformalScores, DinoFeatures, EfficientNetLite0Features, IntensityPositionFeatures,
                                LiteMedSAMFeatures, RandomWalkConfig, diffuse, evaluate_split, get_feature_extractor,
                                knn_cosine, random_splits, results_table, rw_diffusion, summarise, to_grid,
@@ -248,3 +249,54 @@ def test_conformal_command_on_colin27(colin27, data_home, tmp_path):
     assert saved["settings"]["pool_size"] == 34
     assert saved["rows"][1]["n_test"] == 14
     assert all(0 <= r["coverage"] <= 1 for r in saved["rows"])
+
+
+def cone_map(radius=60.0, n=161):
+    "S = max(0, 1 - r / R) around the centre of an n x n grid."
+    yy, xx = np.mgrid[:n, :n] - (n - 1) / 2
+    return np.clip(1 - np.hypot(yy, xx) / radius, 0, 1)
+
+
+def test_set_size_of_a_cone():
+    # C_lambda is a disc of radius lambda R, so |C| = pi (lambda R)^2 and d|C|/d lambda = 2 pi lambda R^2
+    radius = 60.0
+    cone = cone_map(radius)
+    lambdas = np.linspace(0.2, 0.8, 13)
+    sizes = set_size_curve(cone, lambdas)
+    np.testing.assert_allclose(sizes, np.pi * (lambdas * radius) ** 2, rtol=0.03)
+    derivative = set_size_derivative(lambdas, sizes)
+    for lam in (0.3, 0.5, 0.7):
+        expected = 2 * np.pi * lam * radius ** 2
+        assert level_set_integral(cone, 1 - lam) == pytest.approx(expected, rel=0.01)
+        assert derivative[np.argmin(abs(lambdas - lam))] == pytest.approx(expected, rel=0.03)
+
+
+def test_set_size_curve_shapes_and_errors():
+    ramp = np.tile(np.linspace(0, 1, 50), (10, 1))
+    assert set_size_curve(ramp, [0.5]).shape == (1,)
+    assert set_size_curve(np.stack([ramp, 1 - ramp]), [0.2, 0.5]).shape == (2, 2)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        set_size_derivative([0.2, 0.1], [1, 2])
+    with pytest.raises(ValueError, match="Expected one"):
+        level_set_integral(np.stack([ramp, ramp]), 0.5)
+    with pytest.raises(ValueError, match="must lie in"):
+        set_size_curve(ramp + 0.5, [0.5])
+    # a constant map has no level line at another level, so the coarea density there is 0
+    assert level_set_integral(np.full((20, 20), 0.5), 0.3) == 0.0
+
+
+def test_calibration_spread_matches_calibrate():
+    scores = synthetic_pool()
+    spread = calibration_spread(scores, alpha=0.1, n_cal=20, n_draws=5, seed=3)
+    order = np.random.default_rng(3).permutation(len(scores))
+    calibration, test = order[:20], order[20:]
+    for method in ("crc", "rwcp"):
+        assert spread[method]["lambda_hat"].shape == (5,)
+        assert spread[method]["lambda_hat"][0] == scores.calibrate(method, calibration, 0.1)
+        assert np.all(spread[method]["relative_size"] > 0)
+    lambda_hat = spread["crc"]["lambda_hat"][0]
+    predicted = scores.sets("crc", lambda_hat, test)
+    direct = np.mean([c.sum() / scores.masks[j].sum() for c, j in zip(predicted, test)])
+    assert spread["crc"]["relative_size"][0] == pytest.approx(direct, rel=1e-12)
+    with pytest.raises(ValueError, match="leaves no test image"):
+        calibration_spread(scores, n_cal=len(scores))
