@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import inspect
 import logging
@@ -29,7 +30,7 @@ from .conformal import (MIN_FOREGROUND, alpha_star, check_alpha, check_probabili
                                     load_conformal_data, min_calibration_size, prediction_set, set_metrics)
 from .core import atomic_savefig, atomic_torch_save, atomic_write_json, cache_dir, pick_device
 from .foundation import as_image_batch, cached_embeddings, image_digest, load_promptable_model, resized_shape
-from .train import TrainConfig
+from .train import PRESETS, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -1091,8 +1092,12 @@ def add_conformal_commands(subparsers) -> None:
     parser.add_argument("--checkpoint", default=None,
                         help="UNet checkpoint from `medseg segment train`, trained on slices outside the evaluation "
                              "pool (default: train a UNet on the training slices once and cache it)")
-    parser.add_argument("--steps", type=int, default=TrainConfig().steps,
-                        help=f"UNet training steps when no checkpoint is given (default: {TrainConfig().steps})")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="teaching",
+                        help="UNet training preset when no checkpoint is given: teaching (CPU-sized, default) or "
+                             "thesis (the published schedule, meant for a GPU)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="UNet training steps when no checkpoint is given (default: the preset's, "
+                             f"{PRESETS['teaching'].steps} for teaching)")
 
     parser.add_argument("--extractor", choices=sorted(FEATURE_EXTRACTORS), default="litemedsam",
                         help="feature extractor of the random walk (default: litemedsam)")
@@ -1126,9 +1131,12 @@ def run_conformal_command(args: argparse.Namespace) -> int:
         raise ValueError("--extractor dino needs --dino-model DIR, a local folder with DINOv2 or DINOv3 weights")
     extractor = get_feature_extractor(args.extractor, device=args.device, **extractor_options)
     options = {"axis": args.axis} if args.axis else {}
+    train_config = PRESETS[args.preset]
+    if args.steps is not None:
+        train_config = dataclasses.replace(train_config, steps=args.steps)
     result = conformal_experiment(args.dataset, args.alpha, args.n_cal, args.seeds, args.checkpoint, extractor,
                                   RandomWalkConfig(k=args.k, beta=args.beta, n_step=args.n_step),
-                                  TrainConfig(steps=args.steps), ablations=not args.no_ablations,
+                                  train_config, ablations=not args.no_ablations,
                                   device=args.device, progress=not args.quiet, min_foreground=args.min_foreground,
                                   **options)
     written = write_results(result, args.out)

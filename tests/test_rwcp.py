@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from medseg_nbdev import rwcp
 from medseg_nbdev.cli import main
 from medseg_nbdev.core import set_seed
 from medseg_nbdev.foundation import image_digest, load_promptable_model
@@ -235,6 +236,25 @@ def test_validity_over_random_splits():
 def test_conformal_command_rejects_small_alpha(capsys):
     assert main(["conformal", "--out", "unused", "--alpha", "0.01", "--extractor", "intensity-position"]) == 2
     assert "at least 99 images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, steps, ce_weight", [
+    ([], 1000, 0.5),
+    (["--preset", "thesis"], 18_750, 1.0),
+    (["--preset", "thesis", "--steps", "50"], 50, 1.0),
+])
+def test_conformal_command_presets(monkeypatch, tmp_path, options, steps, ce_weight):
+    seen = {}
+
+    def fake_experiment(dataset, alphas, n_cal, n_seeds, checkpoint, extractor, walk, train_config, **kwargs):
+        seen["train_config"] = train_config
+        raise RuntimeError("stop after parsing")
+
+    monkeypatch.setattr(rwcp, "conformal_experiment", fake_experiment)
+    with pytest.raises(RuntimeError, match="stop after parsing"):
+        main(["conformal", "--out", str(tmp_path), "--extractor", "intensity-position", *options])
+    assert seen["train_config"].steps == steps
+    assert seen["train_config"].ce_weight == ce_weight
 
 
 def test_conformal_command_on_colin27(colin27, data_home, tmp_path):
