@@ -12,6 +12,7 @@ from typing import Sequence
 
 from . import __version__
 from .data import MissingDataError, add_data_commands
+from .rwcp import add_conformal_commands
 from .train import add_segment_commands
 from .active_learning import add_al_commands
 from .taal import add_taal_commands
@@ -20,7 +21,8 @@ from .taal import add_taal_commands
 __all__ = ['COMMAND_REGISTRARS', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #7ebf7308
-COMMAND_REGISTRARS = [add_data_commands, add_segment_commands, add_al_commands, add_taal_commands]
+COMMAND_REGISTRARS = [add_data_commands, add_segment_commands, add_conformal_commands, add_al_commands,
+                      add_taal_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:
