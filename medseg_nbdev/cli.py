@@ -12,13 +12,14 @@ from typing import Sequence
 
 from . import __version__
 from .data import MissingDataError, add_data_commands
+from .prompt_learning import add_boxprompt_commands
 from .train import add_segment_commands
 
 # %% auto #0
 __all__ = ['COMMAND_REGISTRARS', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #7ebf7308
-COMMAND_REGISTRARS = [add_data_commands, add_segment_commands]
+COMMAND_REGISTRARS = [add_data_commands, add_segment_commands, add_boxprompt_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:
