@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up medseg_nbdev on a fresh machine: a Python environment, PyTorch (only where none is
-# installed), the package with its development extras, and the Debian mricron-data package
-# that holds the embedded Colin27 MRI and AAL labels.
+# installed), the package with its development extras, the Debian mricron-data package that
+# contains the embedded Colin27 MRI and AAL labels, and the npm packages of the documentation site.
 #
 # Environment: PYTHON (interpreter used to create .venv, default python3), MEDSEG_DATA (data
 # folder; when set, mricron-data is unpacked there instead of installed system-wide).
@@ -33,5 +33,13 @@ fi
 
 # 4. Data: Debian's mricron-data (Colin27 T1 MRI and the AAL atlas).
 bash scripts/install_data.sh
+
+# 5. Documentation: MathJax from npm, shipped with the site that scripts/build_docs.sh builds.
+if command -v npm >/dev/null; then
+  npm ci --prefix docs_assets --no-audit --no-fund --loglevel=error
+else
+  echo "setup: npm not found, so scripts/build_docs.sh cannot build the site until it is installed" \
+       "(Debian: apt-get install -y npm)"
+fi
 
 echo "setup: done. Run the tests with: bash scripts/test.sh"
