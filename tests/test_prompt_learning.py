@@ -279,12 +279,14 @@ def test_prompt_config_validation():
 
 def test_training_runs_every_loss_and_repeats(litemedsam, toy_task):
     config = PromptConfig(epochs=1, batch_size=2, seed=3)
-    module, history = train_prompt_module(litemedsam, toy_task.subset([0, 1]), config, progress=False)
+    task = toy_task.subset([0, 1])
+    embeddings = litemedsam.encode(task.images)
+    module, history = train_prompt_module(litemedsam, task, config, embeddings, progress=False)
     assert len(history) == 1
     assert set(LOSS_TERMS) | {"total"} <= set(history[0])
     assert all(math.isfinite(history[0][name]) for name in LOSS_TERMS)
     assert not module.training
-    again, _ = train_prompt_module(litemedsam, toy_task.subset([0, 1]), config, progress=False)
+    again, _ = train_prompt_module(litemedsam, task, config, embeddings, progress=False)
     for a, b in zip(module.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
     probs = predict_prompt_module(litemedsam, module, toy_task.images[:3])
@@ -340,10 +342,11 @@ def test_experiment_with_checkpoint_of_wrong_type(colin27):
 def test_boxprompt_command_writes_results(colin27, data_home, tmp_path, capsys):
     out = tmp_path / "run"
     status = main(["boxprompt", "--out", str(out), "--n-train", "2", "--epochs", "1", "--unet-steps", "2",
-                   "--noise-levels", "3-5%", "--quiet", "--device", "cpu"])
+                   "--noise-levels", "3-5%", "--test-limit", "2", "--quiet", "--device", "cpu"])
     assert status == 0
     results = json.loads((out / "results.json").read_text())
     rows = results["rows"]
+    assert results["counts"]["test_samples"] == 2
     assert all({"method", "n_train", "seed", "dsc", "assd"} <= set(row) for row in rows)
     assert {r["method"] for r in rows if r["experiment"] == "main"} == set(METHODS)
     assert {r["method"] for r in rows if r["experiment"] == "loss-ablation"} == {"ours[pseudo]",
@@ -362,3 +365,5 @@ def test_boxprompt_command_reports_bad_input(colin27, capsys):
     assert main(["boxprompt", "--out", "unused", "--n-train", "2", "--model", "sam_vit_b",
                  "--checkpoint", str(litemedsam_checkpoint())]) == 2
     assert "contains a LiteMedSAM model" in capsys.readouterr().err
+    assert main(["boxprompt", "--out", "unused", "--n-train", "2", "--test-limit", "0"]) == 2
+    assert "test_limit must be a positive" in capsys.readouterr().err
