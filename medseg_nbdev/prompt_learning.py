@@ -243,7 +243,7 @@ def log_barrier(
     z: torch.Tensor,  # Constraint values; the constraint is z <= 0
     t: float,  # Barrier parameter t > 0; larger t is closer to the hard barrier
 ) -> torch.Tensor:
-    "Extended log-barrier penalty psi_t(z) of Kervadec et al. (2022), element-wise."
+    "Compute the extended log-barrier penalty psi_t(z) of Kervadec et al. (2022) element-wise."
     if not t > 0:
         raise ValueError(f"The log-barrier parameter t must be positive, got {t}")
     z = torch.as_tensor(z)
@@ -304,7 +304,7 @@ def pseudo_label_loss(
     bce_weight: float = 0.5,  # alpha
     dice_weight: float = 0.5,  # beta
 ) -> torch.Tensor:
-    "alpha * BCE + beta * soft Dice of the predicted logits against a binary target, averaged over the batch."
+    "Return alpha * BCE + beta * soft Dice of the logits against a binary target, averaged over the batch."
     if logits.shape != target.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in shape")
     bce = F.binary_cross_entropy_with_logits(logits, target.float(), reduction="none").flatten(1).mean(1)
@@ -317,7 +317,7 @@ def size_loss(
     t: float,  # Log-barrier parameter
     bounds: tuple[float, float] = (0.7, 0.9),  # (epsilon_1, epsilon_2), shares of the box area
 ) -> torch.Tensor:
-    "Log-barrier penalty keeping the predicted size within bounds * box area, divided by the box area."
+    "Penalise a predicted size outside bounds * box area with the log-barrier, divided by the box area."
     low, high = bounds
     if not 0 <= low <= high:
         raise ValueError(f"Size bounds must satisfy 0 <= low <= high, got {bounds}")
@@ -333,7 +333,7 @@ def emptiness_loss(
     logits: torch.Tensor,  # (B, H, W) predicted logits
     inside: torch.Tensor,  # (B, H, W) boolean masks of Omega_I (inside the box)
 ) -> torch.Tensor:
-    "Mean over the pixels outside each box of -log(1 - S), averaged over the batch."
+    "Return the mean of -log(1 - S) over the pixels outside each box, averaged over the batch."
     if logits.shape != inside.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and box masks {tuple(inside.shape)} differ in shape")
     outside = (~inside.bool()).float()
@@ -360,7 +360,7 @@ def consistency_loss(
     probs_of_transformed: torch.Tensor,  # (B, h, w) Dec(T(Z), g(T(x))) as probabilities
     transformed_probs: torch.Tensor,  # (B, h, w) T(S), the transformed prediction
 ) -> torch.Tensor:
-    "L2 distance between the two predictions of each image, averaged over the batch."
+    "Return the L2 distance between the two predictions of each image, averaged over the batch."
     if probs_of_transformed.shape != transformed_probs.shape:
         raise ValueError(f"Shapes differ: {tuple(probs_of_transformed.shape)} and {tuple(transformed_probs.shape)}")
     squared = (probs_of_transformed - transformed_probs).pow(2).flatten(1).sum(1)
@@ -670,7 +670,7 @@ def tightness_prior_loss(
     t: float,  # Log-barrier parameter
     band: int = 5,  # Lines per band, d
 ) -> torch.Tensor:
-    "Kervadec et al.'s tightness prior: every band of w box rows or columns holds >= w foreground pixels."
+    "Penalise every band of w box rows or columns with fewer than w foreground pixels (Kervadec et al.'s tightness prior)."
     if band < 1:
         raise ValueError(f"band must be a positive number of lines, got {band}")
     boxes = np.round(np.asarray(boxes.cpu() if isinstance(boxes, torch.Tensor) else boxes)).astype(int)
@@ -697,7 +697,7 @@ def box_constraint_loss(
     bounds: tuple[float, float] = (0.5, 0.9),  # Size bounds, shares of the box area
     band: int = 5,  # Lines per band of the tightness prior
 ) -> torch.Tensor:
-    "Weighted sum of Kervadec et al.'s tightness prior, box-size constraint and outside emptiness."
+    "Return the weighted sum of Kervadec et al.'s tightness prior, box-size constraint and outside emptiness."
     n_pixels = probs.shape[-1] * probs.shape[-2]
     areas = inside.flatten(1).sum(1).to(probs.dtype)
     size = probs.flatten(1).sum(1)
