@@ -36,6 +36,9 @@ CHAPTER_COMMANDS: list[tuple[str, list[str]]] = [
             "--stochastic-batches", "both", "--seeds", "1", "--quiet"]),
     # Appendix II: one seed of TAAL against random sampling with and without the consistency loss.
     ("taal", ["taal", "--dataset", "colin27-hippocampus", "--seeds", "1", "--quiet"]),
+    # Chapter 3: prompt learning for LiteMedSAM from boxes and its baselines, 10 training slices, one seed.
+    ("boxprompt", ["boxprompt", "--dataset", "colin27-hippocampus", "--n-train", "10", "--seeds", "0",
+                   "--no-ablations", "--quiet"]),
     # Chapter 4: UNet, LiteMedSAM features, CRC, ConSeMa and RW-CP at three alphas, with the ablations.
     ("conformal", ["conformal", "--dataset", "colin27-hippocampus", "--alpha", "0.2", "0.1", "0.05",
                    "--n-cal", "20", "--seeds", "3", "--quiet"]),
