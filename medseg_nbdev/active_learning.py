@@ -980,7 +980,7 @@ def _pool_size_groups(part: pd.DataFrame):
 
 # %% ../nbs/11_active_learning.ipynb #26b7ccc4
 AL_PRESETS = {
-    "teaching": {"train": TrainConfig(steps=400, batch_size=8, lr=2e-3, width=8), "cycles": 4, "seeds": 2,
+    "teaching": {"train": TrainConfig(steps=400, batch_size=8, lr=2e-3, width=8), "cycles": 3, "seeds": 2,
                  "roi": (64, 96)},
     "thesis": {"train": PRESETS["thesis"], "cycles": 7, "seeds": 5, "roi": None},
 }
