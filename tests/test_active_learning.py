@@ -232,6 +232,23 @@ def test_learning_loss_training_is_reproducible():
     assert len(first[2]) == 6 and "ranking_loss" in first[2][0]
 
 
+
+def test_learning_loss_leaves_unet_as_plain_training(colin27):
+    # The ranking loss must not reach the UNet: with its gradient in the features (the published
+    # schedule), the UNet trained on Colin27 predicted background everywhere.
+    from medseg_nbdev.train import evaluate, train_unet
+
+    config = TrainConfig(steps=12, batch_size=4, lr=2e-3, width=8, seed=0)
+    labelled = colin27.train.subset(range(0, 18, 3))
+    plain, _ = train_unet(labelled, config, device="cpu", progress=False)
+    joint, _, history = train_unet_with_loss_prediction(labelled, config, device="cpu")
+    assert any(h["ranking_loss"] > 0 for h in history)
+    for (name, expected), actual in zip(plain.state_dict().items(), joint.state_dict().values()):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=f"UNet parameter {name} differs")
+    plain_report, _ = evaluate(plain, colin27.test)
+    joint_report, _ = evaluate(joint, colin27.test)
+    assert joint_report["dsc_2d"] == pytest.approx(plain_report["dsc_2d"], abs=1e-4)
+
 # --- the loop --------------------------------------------------------------------------------
 
 def without_timings(rows):
