@@ -13,13 +13,17 @@ from typing import Sequence
 from . import __version__
 from .data import MissingDataError, add_data_commands
 from .prompt_learning import add_boxprompt_commands
+from .rwcp import add_conformal_commands
 from .train import add_segment_commands
+from .active_learning import add_al_commands
+from .taal import add_taal_commands
 
 # %% auto #0
 __all__ = ['COMMAND_REGISTRARS', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #7ebf7308
-COMMAND_REGISTRARS = [add_data_commands, add_segment_commands, add_boxprompt_commands]
+COMMAND_REGISTRARS = [add_data_commands, add_segment_commands, add_conformal_commands, add_al_commands,
+                      add_taal_commands, add_boxprompt_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,6 +30,15 @@ CHAPTER_COMMANDS: list[tuple[str, list[str]]] = [
     # printed steps per second give the time of the full run.
     ("segment-train-thesis-preset", ["segment", "train", "--dataset", "colin27-hippocampus", "--preset", "thesis",
                                      "--steps", "5000", "--quiet"]),
+    # Chapter 2: one seed of the active-learning comparison (teaching preset), three uncertainty
+    # strategies and random sampling, with and without stochastic batches.
+    ("al", ["al", "--dataset", "colin27-hippocampus", "--strategy", "entropy", "dropout", "tta", "random",
+            "--stochastic-batches", "both", "--seeds", "1", "--quiet"]),
+    # Appendix II: one seed of TAAL against random sampling with and without the consistency loss.
+    ("taal", ["taal", "--dataset", "colin27-hippocampus", "--seeds", "1", "--quiet"]),
+    # Chapter 4: UNet, LiteMedSAM features, CRC, ConSeMa and RW-CP at three alphas, with the ablations.
+    ("conformal", ["conformal", "--dataset", "colin27-hippocampus", "--alpha", "0.2", "0.1", "0.05",
+                   "--n-cal", "20", "--seeds", "3", "--quiet"]),
 ]
 
 MEDSEG = [sys.executable, "-c", "import sys; from medseg_nbdev.cli import main; sys.exit(main())"]

@@ -51,3 +51,12 @@ def test_smoke_records_status_and_speed(tmp_path, monkeypatch, capsys):
     assert breaks["status"] == 3
     assert (tmp_path / "works.log").read_text().strip() == "trained"
     assert "failed: breaks" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, arguments", gpu_smoke.CHAPTER_COMMANDS, ids=[n for n, _ in gpu_smoke.CHAPTER_COMMANDS])
+def test_chapter_command_parses(name, arguments, tmp_path):
+    from medseg_nbdev.cli import build_parser
+
+    args = build_parser().parse_args([*arguments, "--out", str(tmp_path / name), "--device", "cuda"])
+    assert args.device == "cuda"
+    assert callable(args.handler)
