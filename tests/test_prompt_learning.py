@@ -367,3 +367,19 @@ def test_boxprompt_command_reports_bad_input(colin27, capsys):
     assert "contains a LiteMedSAM model" in capsys.readouterr().err
     assert main(["boxprompt", "--out", "unused", "--n-train", "2", "--test-limit", "0"]) == 2
     assert "test_limit must be a positive" in capsys.readouterr().err
+
+
+def test_box_constraints_raise_foreground_inside_box(colin27):
+    "On an all-background prediction, a descent step on the constraints raises the box, lowers the outside."
+    from medseg_nbdev.prompt_learning import box_constraint_loss, box_task
+
+    task = box_task(colin27.train).subset(range(4))
+    inside = torch.from_numpy(task.inside())
+    logits = torch.zeros(len(task), 2, *task.image_size)
+    logits[:, 0] = 10.0  # background channel 0 wins everywhere: foreground probability about 4.5e-5
+    logits.requires_grad_(True)
+    probs = logits.softmax(dim=1)[:, 1]
+    box_constraint_loss(probs, task.boxes, inside, t=5.0).backward()
+    foreground_grad = logits.grad[:, 1]
+    assert (foreground_grad[inside] < 0).all(), "descent must raise the foreground logit at every pixel in the box"
+    assert (foreground_grad[~inside] > 0).all(), "descent must lower the foreground logit outside the box"
