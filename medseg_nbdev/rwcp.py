@@ -1117,7 +1117,7 @@ def add_conformal_commands(subparsers) -> None:
                              f"(default: {MIN_FOREGROUND})")
 
     parser.add_argument("--no-ablations", action="store_true", help="skip the ablations over k, beta, n_step and n_cal")
-    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps (default: cpu)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     parser.add_argument("--quiet", action="store_true", help="hide progress bars")
     parser.set_defaults(handler=run_conformal_command)
 
