@@ -852,8 +852,11 @@ def plot_chosen_batches(
     target = np.array(_has_target(pool, unlabelled))
     budget = len(chosen[False]["selected"])
 
-    fig = plt.figure(figsize=(12, 6.2))
-    grid = fig.add_gridspec(3, budget, height_ratios=[1.5, 1, 1])
+    # rows of slices as tall as the images drawn at the column width, so no blank bands appear
+    rows, cols = pool.images[0].shape[-2:]
+    strip = 11.5 / budget * rows / cols + 0.3
+    fig = plt.figure(figsize=(12, 2.8 + 2 * strip))
+    grid = fig.add_gridspec(3, budget, height_ratios=[2.8, strip, strip])
     ax = fig.add_subplot(grid[0, :])
     ax.scatter(slices[~target], scores[~target], s=12, c="0.7", label="pool slice without structure")
     ax.scatter(slices[target], scores[target], s=12, c="0.3", label="pool slice with structure")
@@ -876,7 +879,9 @@ def plot_chosen_batches(
                 axi.contour(pool.masks[i] > 0, levels=[0.5], colors=CLASS_COLOURS[0], linewidths=0.8)
             axi.set_title(f"{pool.meta[i].index}", fontsize=7)
             axi.axis("off")
-        fig.text(0.005, 0.5 - (row - 1) * 0.3 - 0.12, "top-B" if not sb else "SB", fontsize=9, rotation=90)
+            if col == 0:
+                axi.text(-0.08, 0.5, "top-B" if not sb else "SB", transform=axi.transAxes, fontsize=9,
+                         rotation=90, ha="right", va="center")
     fig.tight_layout()
     return fig
 

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"medseg_nbdev {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="logging verbosity (default: INFO)")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                       help="one of the commands below; `medseg COMMAND --help` documents it")
     for register in COMMAND_REGISTRARS:
         register(subparsers)
     return parser
@@ -52,5 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"medseg: missing data: {error}", file=sys.stderr)
         return 2
     except (ValueError, KeyError, TypeError) as error:
-        print(f"medseg: error: {error}", file=sys.stderr)
+        # str() of a KeyError quotes its message; print the message itself
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"medseg: error: {message}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ import torch
 # %% auto #0
 __all__ = ['logger', 'set_seed', 'pick_device', 'autocast', 'needs_grad_scaler', 'atomic_write', 'atomic_write_bytes',
            'atomic_write_json', 'atomic_torch_save', 'atomic_savefig', 'atomic_save_npz', 'CheckpointError',
-           'save_checkpoint', 'load_checkpoint', 'data_home', 'cache_dir']
+           'save_checkpoint', 'load_checkpoint', 'data_home', 'cache_dir', 'reference_run', 'reference_runs']
 
 # %% ../nbs/00_core.ipynb #14344184
 logger = logging.getLogger("medseg_nbdev")
@@ -214,3 +214,24 @@ def cache_dir(*parts: str) -> Path:
     folder = data_home().joinpath("cache", *parts)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+# %% ../nbs/00_core.ipynb #cff1f361
+def reference_run(
+    name: str,  # File name without `.json`, as listed by `reference_runs()`
+) -> dict:
+    "Load the stored results of a full teaching run that ships with the package."
+    import importlib.resources
+    folder = importlib.resources.files("medseg_nbdev") / "reference_runs"
+    path = folder / f"{name}.json"
+    if not path.is_file():
+        raise KeyError(f"Unknown reference run {name!r}: use one of {', '.join(reference_runs()) or 'none'}")
+    return json.loads(path.read_text())
+
+
+def reference_runs() -> list[str]:
+    "List the names of the stored reference runs."
+    import importlib.resources
+    folder = importlib.resources.files("medseg_nbdev") / "reference_runs"
+    if not folder.is_dir():
+        return []
+    return sorted(entry.name[:-5] for entry in folder.iterdir() if entry.name.endswith(".json"))

@@ -1004,7 +1004,7 @@ def add_boxprompt_commands(subparsers) -> None:
     "Register `medseg boxprompt` on an argparse subparsers object."
     teaching, thesis = PROMPT_PRESETS["teaching"], PROMPT_PRESETS["thesis"]
     parser = subparsers.add_parser(
-        "boxprompt", help="Learn prompts for a frozen LiteMedSAM from bounding boxes, with baselines and ablations",
+        "boxprompt", help="Learn prompts for a frozen LiteMedSAM from bounding boxes, with baselines and ablations (chapter 3)",
         description="Train a prompt module for a frozen promptable model from bounding boxes only (pseudo-label, "
                     "size, emptiness and consistency losses), compare it with the box-prompted model, the module "
                     "trained with masks and two UNets, run the loss-component and box-noise ablations, and write "
@@ -1013,7 +1013,7 @@ def add_boxprompt_commands(subparsers) -> None:
                         help="registered data set name, see `medseg data list` (default: colin27-hippocampus)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--n-train", type=int, nargs="+", default=[10, 20],
-                        help="training set sizes in samples (default: 10 20)")
+                        help="training set sizes: numbers of training slices with one box each (default: 10 20)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="seeds, each one training subset and initialisation (default: 0)")
     parser.add_argument("--preset", choices=sorted(PROMPT_PRESETS), default="teaching",

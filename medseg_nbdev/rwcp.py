@@ -1074,7 +1074,7 @@ def draw_diffused(
 def add_conformal_commands(subparsers) -> None:
     "Register `medseg conformal` on an argparse subparsers object."
     parser = subparsers.add_parser(
-        "conformal", help="Calibrate RW-CP, standard CRC and ConSeMa prediction sets and compare them",
+        "conformal", help="Calibrate RW-CP, standard CRC and ConSeMa prediction sets and compare them (chapter 4)",
         description="Split a data set's evaluation slices (those with foreground) at random into calibration and "
                     "test images, calibrate random-walk conformal prediction (RW-CP), standard conformal risk "
                     "control (CRC) and ConSeMa to bound the expected false-negative rate by each alpha, and write "

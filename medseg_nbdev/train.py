@@ -355,6 +355,7 @@ def segment_train(
     eval_seconds = time.perf_counter() - started
 
     metrics = {**report, "dataset": dataset, "options": options, "config": asdict(config), "device": str(device),
+               "mixed_precision": bool(config.amp and device.type == "cuda"),
                "class_names": list(data.train.class_names), "counts": data.counts(), "policy": data.policy,
                "train_seconds": round(train_seconds, 2), "eval_seconds": round(eval_seconds, 2),
                "final_loss": history[-1]["loss"] if history else None, "torch_version": torch.__version__}

@@ -63,7 +63,7 @@ def test_data_show_writes_figure(colin27, tmp_path):
 def test_unknown_dataset_is_a_clear_error():
     result = run_medseg("data", "show", "colin28")
     assert result.returncode == 2
-    assert "Unknown data set 'colin28'" in result.stderr
+    assert result.stderr.startswith("medseg: error: Unknown data set 'colin28'"), result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -78,6 +78,8 @@ def test_segment_train_writes_outputs_and_resumes(colin27, tmp_path):
     for key in ("dsc_2d", "dsc_3d", "hd95_3d", "assd_2d"):
         assert 0 <= metrics[key] < float("inf")
     assert set(metrics["dsc_2d_per_class"]) == {"left_hippocampus", "right_hippocampus"}
+    assert metrics["device"] == "cpu"
+    assert metrics["mixed_precision"] is False
     for name in ("test_predictions.png", "training_curve.png", "checkpoint.pt"):
         assert (out / name).stat().st_size > 0
     rerun = run_medseg(*args)
