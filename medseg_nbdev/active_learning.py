@@ -1113,7 +1113,8 @@ def add_al_commands(subparsers) -> None:
         description="Run active learning on a registered data set: train a UNet on a random initial set, then "
                     "each cycle let every strategy choose BUDGET more training slices and retrain from scratch. "
                     "Writes OUT/results.json (one row per strategy, stochastic-batch setting, seed and cycle), "
-                    "OUT/runs/ (resumable state of each run), curves_dsc_3d.png, curves_hd95_3d.png, "
+                    "OUT/runs/ (resumable state of each run), OUT/models/ (the cached first-cycle models), "
+                    "curves_dsc_3d.png, curves_hd95_3d.png, "
                     "improvement.csv/.txt, sampling_time.csv/.txt, chosen_batches.png and, when requested, "
                     "pool_size_ablation.png and budget_ablation.png. Rerunning with the same OUT resumes "
                     "at the last finished cycle of each run.")
