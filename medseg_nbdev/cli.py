@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"medseg: missing data: {error}", file=sys.stderr)
         return 2
     except (ValueError, KeyError, TypeError) as error:
-        # str() of a KeyError quotes its message; print the message itself
+        # str() of a KeyError puts quotes around the message, so print the message itself
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"medseg: error: {message}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import io
 import json
 import logging
@@ -216,13 +217,16 @@ def cache_dir(*parts: str) -> Path:
     return folder
 
 # %% ../nbs/00_core.ipynb #cff1f361
+def _reference_folder():
+    "Return the package folder of the stored reference runs."
+    return importlib.resources.files("medseg_nbdev") / "reference_runs"
+
+
 def reference_run(
     name: str,  # File name without `.json`, as listed by `reference_runs()`
 ) -> dict:
     "Load the stored results of a full teaching run that ships with the package."
-    import importlib.resources
-    folder = importlib.resources.files("medseg_nbdev") / "reference_runs"
-    path = folder / f"{name}.json"
+    path = _reference_folder() / f"{name}.json"
     if not path.is_file():
         raise KeyError(f"Unknown reference run {name!r}: use one of {', '.join(reference_runs()) or 'none'}")
     return json.loads(path.read_text())
@@ -230,8 +234,7 @@ def reference_run(
 
 def reference_runs() -> list[str]:
     "List the names of the stored reference runs."
-    import importlib.resources
-    folder = importlib.resources.files("medseg_nbdev") / "reference_runs"
+    folder = _reference_folder()
     if not folder.is_dir():
         return []
     return sorted(entry.name[:-5] for entry in folder.iterdir() if entry.name.endswith(".json"))

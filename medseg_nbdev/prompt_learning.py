@@ -699,7 +699,8 @@ def box_constraint_loss(
 ) -> torch.Tensor:
     "Return the weighted sum of Kervadec et al.'s tightness prior, box-size constraint and outside emptiness."
     if probs.shape != inside.shape:
-        raise ValueError(f"probabilities {tuple(probs.shape)} and box masks {tuple(inside.shape)} differ in shape")
+        raise ValueError(f"probabilities {tuple(probs.shape)} and box masks {tuple(inside.shape)} differ in shape: "
+                         "pass one (H, W) box mask per probability map")
     inside = inside.bool()
     inside_share = (probs * inside).flatten(1).sum(1) / inside.flatten(1).sum(1).clamp_min(1)
     size_penalty = log_barrier(bounds[0] - inside_share, t) + log_barrier(inside_share - bounds[1], t)
